@@ -1,0 +1,18 @@
+//! beltad: unsupervised anomaly detection and localisation for conveyor-belt
+//! camera images.
+//!
+//! The detector implements semantic-deviation–anchored multi-branch fusion
+//! (Jin, Tang, Zhu, arXiv 2602.07694): three branches on frozen backbones,
+//! fitted on normal images only, fused into one anomaly map and one image score.
+//!
+//! - object branch: DINOv2 CLS Mahalanobis distance + foreground/background
+//!   patch prototypes;
+//! - attribution branch: Mahalanobis distance of the mean patch token with a
+//!   closed-form leave-one-patch-out attribution map;
+//! - texture branch: PatchCore on CNN patch features.
+//!
+//! Shape conventions, used throughout: images are `(B, 3, H, W)`; patch
+//! features of one image are `(N, D)` row-major over the patch grid; a memory
+//! bank is `(M, D)`; anomaly maps are `(H, W)` row-major.
+
+pub mod resample;

@@ -16,3 +16,4 @@
 //! bank is `(M, D)`; anomaly maps are `(H, W)` row-major.
 
 pub mod resample;
+pub mod rng;

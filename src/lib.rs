@@ -15,5 +15,14 @@
 //! features of one image are `(N, D)` row-major over the patch grid; a memory
 //! bank is `(M, D)`; anomaly maps are `(H, W)` row-major.
 
+pub mod anomaly_map;
+pub mod atomic_write;
+pub mod config;
+pub mod dataset;
+pub mod image_io;
+pub mod model_file;
+pub mod preprocess;
 pub mod resample;
 pub mod rng;
+pub mod stats;
+pub mod weights;

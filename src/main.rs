@@ -1,3 +1,7 @@
-fn main() {
-    println!("beltad");
+//! The `beltad` command line: fit, predict, eval and run.
+
+mod cli;
+
+fn main() -> std::process::ExitCode {
+    cli::main()
 }

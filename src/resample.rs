@@ -97,7 +97,11 @@ pub fn resize(
     (out_h, out_w): (usize, usize),
     filter: Filter,
 ) -> Vec<f32> {
-    assert_eq!(src.len(), in_h * in_w * channels, "resize: data does not match its shape");
+    assert_eq!(
+        src.len(),
+        in_h * in_w * channels,
+        "resize: data does not match its shape"
+    );
     if (in_h, in_w) == (out_h, out_w) {
         return src.to_vec();
     }
@@ -171,7 +175,10 @@ mod tests {
         // Sample 0: centre 1.0, taps 0..2 with weights (0.75, 0.75, 0.25) / 1.75.
         let s0 = (0.75 * 0.0 + 0.75 * 4.0 + 0.25 * 8.0) / 1.75;
         let s1 = (0.25 * 4.0 + 0.75 * 8.0 + 0.75 * 12.0) / 1.75;
-        assert!((out[0] - s0).abs() < 1e-5 && (out[1] - s1).abs() < 1e-5, "{out:?}");
+        assert!(
+            (out[0] - s0).abs() < 1e-5 && (out[1] - s1).abs() < 1e-5,
+            "{out:?}"
+        );
     }
 
     #[test]

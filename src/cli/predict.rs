@@ -1,0 +1,241 @@
+//! `beltad predict`: score images with a fitted model; write heatmaps,
+//! overlays and score files.
+
+use std::collections::HashSet;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Args;
+use serde::Serialize;
+
+use beltad::atomic_write::{AtomicFile, write_atomic};
+use beltad::dataset;
+use beltad::detector::{Detector, ImageVerdict};
+use beltad::features::FeatureExtractor;
+use beltad::heatmap::{DisplayScale, heatmap, overlay, png_bytes};
+use beltad::progress::Progress;
+
+use super::{BackboneArgs, EXIT_PARTIAL, create_dir, load_model};
+
+/// Score images with a fitted model.
+///
+/// For every image: a heatmap PNG (jet colour map on the model's fixed scale)
+/// in OUT/heatmaps, the heatmap blended over the image in OUT/overlays, and
+/// a line in OUT/scores.jsonl and OUT/scores.csv with the fused image score,
+/// each branch's score and the decision against the model's threshold. An
+/// image that cannot be read is reported in the score files and the run goes
+/// on; the exit code is then 3.
+#[derive(Debug, Args)]
+pub struct PredictArgs {
+    /// Model file written by `beltad fit`.
+    #[arg(long, value_name = "FILE")]
+    model: PathBuf,
+    /// Output folder.
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+    /// Images, or folders of images.
+    #[arg(required = true, value_name = "IMAGE_OR_DIR")]
+    inputs: Vec<PathBuf>,
+    /// Write only the score files, no heatmaps or overlays.
+    #[arg(long)]
+    no_images: bool,
+    #[command(flatten)]
+    backbones: BackboneArgs,
+}
+
+/// One line of the score files.
+#[derive(Debug, Serialize)]
+pub struct ScoreLine {
+    pub image: String,
+    pub score: Option<f64>,
+    pub anomalous: Option<bool>,
+    pub threshold: Option<f64>,
+    pub object_score: Option<f64>,
+    pub attribution_score: Option<f64>,
+    pub texture_score: Option<f64>,
+    pub heatmap: Option<String>,
+    pub overlay: Option<String>,
+    pub error: Option<String>,
+}
+
+const CSV_HEADER: &str =
+    "image,score,anomalous,threshold,object_score,attribution_score,texture_score,heatmap,overlay,error";
+
+pub fn run(args: &PredictArgs, progress: &dyn Progress) -> anyhow::Result<ExitCode> {
+    let images = expand_inputs(&args.inputs)?;
+    let (detector, extractor) = load_model(&args.model, &args.backbones)?;
+    let summary = predict(&detector, &extractor, &images, &args.out, !args.no_images, progress)?;
+    println!(
+        "scored {} images: {} anomalous, {} normal, {} unreadable; results in {}",
+        summary.scored, summary.anomalous, summary.scored - summary.anomalous, summary.failed,
+        args.out.display()
+    );
+    Ok(if summary.failed > 0 { ExitCode::from(EXIT_PARTIAL) } else { ExitCode::SUCCESS })
+}
+
+/// Counts of a predict run.
+pub struct Summary {
+    pub scored: usize,
+    pub anomalous: usize,
+    pub failed: usize,
+}
+
+/// Files and folders on the command line, folders expanded to their images.
+pub fn expand_inputs(inputs: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
+    let mut images = Vec::new();
+    for input in inputs {
+        if input.is_dir() {
+            images.extend(dataset::images_in(input)?);
+        } else if input.exists() {
+            images.push(input.clone());
+        } else {
+            anyhow::bail!("{}: no such file or folder", input.display());
+        }
+    }
+    Ok(images)
+}
+
+/// Scores `images`, writing pictures (if `pictures`) and the score files into `out`.
+pub fn predict(
+    detector: &Detector,
+    extractor: &FeatureExtractor,
+    images: &[PathBuf],
+    out: &Path,
+    pictures: bool,
+    progress: &dyn Progress,
+) -> anyhow::Result<Summary> {
+    create_dir(out)?;
+    if pictures {
+        create_dir(&out.join("heatmaps"))?;
+        create_dir(&out.join("overlays"))?;
+    }
+    let mut jsonl = AtomicFile::create(&out.join("scores.jsonl")).context("cannot create scores.jsonl")?;
+    let mut csv = AtomicFile::create(&out.join("scores.csv")).context("cannot create scores.csv")?;
+    writeln!(csv, "{CSV_HEADER}")?;
+
+    let scale = DisplayScale::from_normal_max(detector.calibration.map_normal_max);
+    let mut names = UniqueNames::default();
+    let mut summary = Summary { scored: 0, anomalous: 0, failed: 0 };
+    extractor.for_each_image(images, "predicting", progress, |path, item| {
+        let line = match item {
+            Ok(item) => {
+                let verdict = detector.score(&item.features);
+                let files = if pictures {
+                    Some(write_pictures(out, &names.next(path), &item.rgb, &verdict, scale)?)
+                } else {
+                    None
+                };
+                summary.scored += 1;
+                summary.anomalous += usize::from(verdict.anomalous == Some(true));
+                scored_line(path, detector, &verdict, files)
+            }
+            Err(e) => {
+                summary.failed += 1;
+                eprintln!("warning: {e}");
+                error_line(path, &e.to_string())
+            }
+        };
+        let json = serde_json::to_string(&line).unwrap_or_default();
+        writeln!(jsonl, "{json}")?;
+        writeln!(csv, "{}", csv_row(&line))?;
+        anyhow::Ok(())
+    })?;
+    jsonl.commit().context("cannot write scores.jsonl")?;
+    csv.commit().context("cannot write scores.csv")?;
+    Ok(summary)
+}
+
+fn scored_line(path: &Path, detector: &Detector, v: &ImageVerdict, files: Option<(String, String)>) -> ScoreLine {
+    let (heatmap, overlay) = files.unzip();
+    ScoreLine {
+        image: path.display().to_string(),
+        score: Some(v.fused.score),
+        anomalous: v.anomalous,
+        threshold: detector.calibration.threshold,
+        object_score: Some(v.branches.object.score),
+        attribution_score: Some(v.branches.attribution.score),
+        texture_score: Some(v.branches.texture.score),
+        heatmap,
+        overlay,
+        error: None,
+    }
+}
+
+fn error_line(path: &Path, error: &str) -> ScoreLine {
+    ScoreLine {
+        image: path.display().to_string(),
+        score: None,
+        anomalous: None,
+        threshold: None,
+        object_score: None,
+        attribution_score: None,
+        texture_score: None,
+        heatmap: None,
+        overlay: None,
+        error: Some(error.to_string()),
+    }
+}
+
+/// Writes `heatmaps/<name>.png` and `overlays/<name>.png`; returns their relative paths.
+pub fn write_pictures(
+    out: &Path,
+    name: &str,
+    rgb: &image::RgbImage,
+    verdict: &ImageVerdict,
+    scale: DisplayScale,
+) -> anyhow::Result<(String, String)> {
+    let heat = heatmap(&verdict.fused.map, rgb.width(), rgb.height(), scale);
+    let blend = overlay(rgb, &heat);
+    let heat_rel = format!("heatmaps/{name}.png");
+    let overlay_rel = format!("overlays/{name}.png");
+    for (rel, picture) in [(&heat_rel, &heat), (&overlay_rel, &blend)] {
+        let path = out.join(rel);
+        write_atomic(&path, &png_bytes(picture)?).with_context(|| format!("{}: cannot write", path.display()))?;
+    }
+    Ok((heat_rel, overlay_rel))
+}
+
+/// File stems, made unique within a run (`a`, `a-2`, ...).
+#[derive(Default)]
+pub struct UniqueNames(HashSet<String>);
+
+impl UniqueNames {
+    pub fn next(&mut self, path: &Path) -> String {
+        let stem = path.file_stem().map_or_else(|| "image".into(), |s| s.to_string_lossy().into_owned());
+        let mut name = stem.clone();
+        let mut k = 2;
+        while !self.0.insert(name.clone()) {
+            name = format!("{stem}-{k}");
+            k += 1;
+        }
+        name
+    }
+}
+
+fn csv_row(l: &ScoreLine) -> String {
+    let num = |v: Option<f64>| v.map_or(String::new(), |v| v.to_string());
+    let fields = [
+        csv_field(&l.image),
+        num(l.score),
+        l.anomalous.map_or(String::new(), |a| a.to_string()),
+        num(l.threshold),
+        num(l.object_score),
+        num(l.attribution_score),
+        num(l.texture_score),
+        csv_field(l.heatmap.as_deref().unwrap_or("")),
+        csv_field(l.overlay.as_deref().unwrap_or("")),
+        csv_field(l.error.as_deref().unwrap_or("")),
+    ];
+    fields.join(",")
+}
+
+/// RFC 4180 quoting where needed.
+pub fn csv_field(s: &str) -> String {
+    if s.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_string()
+    }
+}

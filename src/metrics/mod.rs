@@ -63,6 +63,8 @@ pub enum MetricError {
     TooFewThresholds { n_thresholds: usize },
     #[error("all scores are equal, so no thresholds can be spread between min and max")]
     ConstantScores,
+    #[error("the reference AUPRO spaces thresholds between min and max, so scores must be finite")]
+    InfiniteScores,
     #[error("no sampled threshold gives a false positive rate in (0, {max_fpr})")]
     NoReferencePoints { max_fpr: f64 },
 }

@@ -422,4 +422,78 @@ mod tests {
         let err = aupro_reference(&perfect, &gt, 0.3, 200);
         assert_eq!(err, Err(MetricError::NoReferencePoints { max_fpr: 0.3 }));
     }
+
+    /// Speed on a test-set-sized case: 500 images of 406x406 (82.4M pixels),
+    /// half with a disc-shaped defect. Prints timings, asserts no time. Run:
+    /// `cargo test --lib metrics::pro::tests::speed -- --ignored --nocapture`.
+    #[test]
+    #[ignore = "timing run on 82M pixels; several seconds and ~1 GB"]
+    fn speed_on_82m_pixels() {
+        use std::time::Instant;
+        const N_IMAGES: usize = 500;
+        const SIDE: usize = 406;
+        let mut rng = SplitMix64::new(1);
+        let (mut gt, mut scores) = (PixelGroundTruth::new(), Vec::new());
+        let start = Instant::now();
+        for image in 0..N_IMAGES {
+            let (cy, cx, radius) = (rng.below(SIDE), rng.below(SIDE), 5 + rng.below(50));
+            let mask: Vec<bool> = (0..SIDE * SIDE)
+                .map(|i| {
+                    image % 2 == 1
+                        && (i / SIDE).abs_diff(cy).pow(2) + (i % SIDE).abs_diff(cx).pow(2)
+                            < radius * radius
+                })
+                .collect();
+            gt.push_mask(&mask, SIDE, SIDE).unwrap();
+            scores.extend(
+                mask.iter()
+                    .map(|m| rng.next_f64() as f32 + if *m { 0.5 } else { 0.0 }),
+            );
+        }
+        eprintln!(
+            "{} pixels, {} regions, {} anomalous; built in {:.2?}",
+            gt.n_pixels(),
+            gt.n_components(),
+            gt.n_anomalous_pixels(),
+            start.elapsed()
+        );
+
+        let t = Instant::now();
+        let auroc = crate::metrics::pixel_auroc(&scores, &gt).unwrap();
+        eprintln!(
+            "pixel_auroc (sort included) {:.2?} -> {auroc:.6}",
+            t.elapsed()
+        );
+        let t = Instant::now();
+        let exact = aupro(&scores, &gt, AUPRO_MAX_FPR).unwrap();
+        eprintln!(
+            "aupro (sort included)       {:.2?} -> {exact:.6}",
+            t.elapsed()
+        );
+
+        let t = Instant::now();
+        let sweep = PixelSweep::new(&scores, &gt).unwrap();
+        eprintln!("PixelSweep::new             {:.2?}", t.elapsed());
+        let t = Instant::now();
+        let _ = sweep.auroc().unwrap();
+        eprintln!("  .auroc()                  {:.2?}", t.elapsed());
+        let t = Instant::now();
+        let _ = sweep.aupro(AUPRO_MAX_FPR).unwrap();
+        eprintln!("  .aupro(0.3)               {:.2?}", t.elapsed());
+        let t = Instant::now();
+        let reference = sweep
+            .aupro_reference(AUPRO_MAX_FPR, REFERENCE_THRESHOLDS)
+            .unwrap();
+        eprintln!(
+            "  .aupro_reference          {:.2?} -> {reference:.6}",
+            t.elapsed()
+        );
+        let t = Instant::now();
+        let _ = (
+            sweep.roc_curve(500).unwrap(),
+            sweep.pro_curve(AUPRO_MAX_FPR, 500).unwrap(),
+        );
+        eprintln!("  both curves               {:.2?}", t.elapsed());
+        assert!(auroc > 0.5 && exact > 0.0);
+    }
 }

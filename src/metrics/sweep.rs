@@ -232,10 +232,12 @@ impl PixelSweep {
         })
     }
 
-    /// `(FPR, PRO)` at a sweep point.
+    /// `(FPR, PRO)` at a sweep point. PRO is capped at 1 so that summation
+    /// rounding on a fully covered test set cannot push it past.
     pub(crate) fn fpr_pro(&self, point: &SweepPoint) -> (f64, f64) {
         let fpr = point.normal_above as f64 / self.sweep.n_normal() as f64;
-        (fpr, point.weight_above / self.n_components as f64)
+        let pro = point.weight_above / self.n_components as f64;
+        (fpr, pro.min(1.0))
     }
 }
 

@@ -17,11 +17,23 @@
 
 pub mod anomaly_map;
 pub mod atomic_write;
+pub mod backbone;
+pub mod branch;
 pub mod config;
 pub mod dataset;
+pub mod detector;
+pub mod evaluate;
+pub mod features;
+pub mod fit;
+pub mod fusion;
+pub mod heatmap;
 pub mod image_io;
+pub mod linalg;
+pub mod memory_bank;
+pub mod metrics;
 pub mod model_file;
 pub mod preprocess;
+pub mod progress;
 pub mod resample;
 pub mod rng;
 pub mod stats;

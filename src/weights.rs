@@ -25,6 +25,9 @@ use thiserror::Error;
 
 use crate::config::BackboneKind;
 
+#[cfg(feature = "download")]
+mod download;
+
 /// Environment variable naming a weights folder.
 pub const WEIGHTS_ENV: &str = "BELTAD_WEIGHTS";
 
@@ -78,7 +81,7 @@ impl WeightsSearch {
         }
         #[cfg(feature = "download")]
         {
-            crate::weights::download::fetch(kind, &user_data_dir())
+            download::fetch(kind, &user_data_dir())
         }
         #[cfg(not(feature = "download"))]
         {

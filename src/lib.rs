@@ -15,5 +15,6 @@
 //! features of one image are `(N, D)` row-major over the patch grid; a memory
 //! bank is `(M, D)`; anomaly maps are `(H, W)` row-major.
 
+pub mod backbone;
 pub mod resample;
 pub mod rng;

@@ -47,34 +47,59 @@ fn random_wide_resnet() -> WideResNet50 {
 
 #[test]
 fn vit_small_350_matches_timm_forward_features() {
-    let fixture = load_tensors(&common::weights_dir().join("fixtures/dinov2_vits14_350.safetensors"));
+    let fixture =
+        load_tensors(&common::weights_dir().join("fixtures/dinov2_vits14_350.safetensors"));
     let model = vit_small(VIT_S_SIZE);
     let got = model.forward(&take(&fixture, "input")).unwrap();
-    assert_close("ViT-S@350 last_hidden_state (timm)", &got, &take(&fixture, "timm_last_hidden_state"));
+    assert_close(
+        "ViT-S@350 last_hidden_state (timm)",
+        &got,
+        &take(&fixture, "timm_last_hidden_state"),
+    );
 }
 
 #[test]
 fn vit_small_350_position_table_matches_timm_resampling() {
-    let fixture =
-        load_tensors(&common::weights_dir().join("fixtures/dinov2_vits14_350_posembed.safetensors"));
+    let fixture = load_tensors(
+        &common::weights_dir().join("fixtures/dinov2_vits14_350_posembed.safetensors"),
+    );
     let model = vit_small(VIT_S_SIZE);
     let got = model.position_embeddings(VIT_S_SIZE).unwrap();
     let want = take(&fixture, "pos_embed_timm");
     assert_close("ViT-S@350 pos_embed (timm)", &got, &want);
     // The HF convention differs by far more than the tolerance: the test can tell them apart.
     let hf = take(&fixture, "pos_embed_hf");
-    let gap = (&got - &hf).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-    assert!(gap > 1e-3, "resampled table is indistinguishable from HF's ({gap})");
+    let gap = (&got - &hf)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(
+        gap > 1e-3,
+        "resampled table is indistinguishable from HF's ({gap})"
+    );
 }
 
 #[test]
 fn mobilenet_v2_224_matches_torchvision_features() {
-    let fixture = load_tensors(&common::weights_dir().join("fixtures/mobilenet_v2_224.safetensors"));
+    let fixture =
+        load_tensors(&common::weights_dir().join("fixtures/mobilenet_v2_224.safetensors"));
     let model = CnnBackbone::MobileNetV2(mobilenet_v2());
     assert_eq!(model.kind(), CnnKind::MobileNetV2);
     let features = model.forward(&take(&fixture, "input")).unwrap();
-    assert_close("MobileNetV2@224 features[6]", &features.stride8, &take(&fixture, "features_6"));
-    assert_close("MobileNetV2@224 features[13]", &features.stride16, &take(&fixture, "features_13"));
+    assert_close(
+        "MobileNetV2@224 features[6]",
+        &features.stride8,
+        &take(&fixture, "features_6"),
+    );
+    assert_close(
+        "MobileNetV2@224 features[13]",
+        &features.stride16,
+        &take(&fixture, "features_13"),
+    );
 }
 
 #[test]
@@ -82,27 +107,56 @@ fn vit_base_random_weights_match_timm() {
     let fixture =
         load_tensors(&common::local_fixtures_dir().join("dinov2_vitb14_random_98x126.safetensors"));
     let cfg = Dinov2Config::vit_base();
-    let vb = VarBuilder::from_tensors(common::random_dinov2_weights(&cfg), DType::F32, &Device::Cpu);
+    let vb = VarBuilder::from_tensors(
+        common::random_dinov2_weights(&cfg),
+        DType::F32,
+        &Device::Cpu,
+    );
     let model = Dinov2::new(vb, &cfg, VIT_B_SIZE).unwrap();
     let got = model.forward(&take(&fixture, "input")).unwrap();
-    assert_close("ViT-B@98x126 random weights", &got, &take(&fixture, "last_hidden_state"));
+    assert_close(
+        "ViT-B@98x126 random weights",
+        &got,
+        &take(&fixture, "last_hidden_state"),
+    );
 }
 
 #[test]
 fn wide_resnet50_2_random_weights_match_torchvision() {
-    let fixture =
-        load_tensors(&common::local_fixtures_dir().join("wide_resnet50_2_random_70x84.safetensors"));
+    let fixture = load_tensors(
+        &common::local_fixtures_dir().join("wide_resnet50_2_random_70x84.safetensors"),
+    );
     let model = CnnBackbone::WideResNet50(random_wide_resnet());
     let features = model.forward(&take(&fixture, "input")).unwrap();
-    assert_close("WRN50-2@70x84 layer2", &features.stride8, &take(&fixture, "layer2"));
-    assert_close("WRN50-2@70x84 layer3", &features.stride16, &take(&fixture, "layer3"));
+    assert_close(
+        "WRN50-2@70x84 layer2",
+        &features.stride8,
+        &take(&fixture, "layer2"),
+    );
+    assert_close(
+        "WRN50-2@70x84 layer3",
+        &features.stride16,
+        &take(&fixture, "layer3"),
+    );
 }
 
 #[test]
 fn random_weight_generator_is_seeded_by_key() {
-    let a = common::random_tensor("layer1.0.conv1.weight", &[4, 3, 1, 1], common::CNN_WEIGHT_GAIN);
-    let b = common::random_tensor("layer1.0.conv1.weight", &[4, 3, 1, 1], common::CNN_WEIGHT_GAIN);
-    let c = common::random_tensor("layer1.0.conv2.weight", &[4, 3, 1, 1], common::CNN_WEIGHT_GAIN);
+    let a = common::random_tensor(
+        "layer1.0.conv1.weight",
+        &[4, 3, 1, 1],
+        common::CNN_WEIGHT_GAIN,
+    );
+    let b = common::random_tensor(
+        "layer1.0.conv1.weight",
+        &[4, 3, 1, 1],
+        common::CNN_WEIGHT_GAIN,
+    );
+    let c = common::random_tensor(
+        "layer1.0.conv2.weight",
+        &[4, 3, 1, 1],
+        common::CNN_WEIGHT_GAIN,
+    );
     let (a, b, c): (Vec<f32>, Vec<f32>, Vec<f32>) = (
         a.flatten_all().unwrap().to_vec1().unwrap(),
         b.flatten_all().unwrap().to_vec1().unwrap(),
@@ -127,7 +181,10 @@ fn time_forward(label: &str, runs: usize, mut f: impl FnMut()) -> Duration {
         .collect();
     times.sort();
     let median = times[runs / 2];
-    println!("{label}: median {:.1} ms over {runs} runs", median.as_secs_f64() * 1e3);
+    println!(
+        "{label}: median {:.1} ms over {runs} runs",
+        median.as_secs_f64() * 1e3
+    );
     median
 }
 

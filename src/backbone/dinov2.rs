@@ -365,7 +365,10 @@ impl Dinov2 {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
         if c != IMAGE_CHANNELS || b == 0 {
-            bail!("DINOv2 expects a (B>0, {IMAGE_CHANNELS}, H, W) batch, got {:?}", x.dims())
+            bail!(
+                "DINOv2 expects a (B>0, {IMAGE_CHANNELS}, H, W) batch, got {:?}",
+                x.dims()
+            )
         }
         let grid = patch_grid((h, w))?;
         let mut tokens = self.embeddings.forward(x, grid)?;
@@ -413,12 +416,23 @@ mod tests {
         };
         let d = cfg.hidden_size;
         add("embeddings.cls_token".into(), &[1, 1, d]);
-        add("embeddings.position_embeddings".into(), &[1, 1 + NATIVE_GRID * NATIVE_GRID, d]);
-        add("embeddings.patch_embeddings.projection.weight".into(), &[d, 3, PATCH_SIZE, PATCH_SIZE]);
+        add(
+            "embeddings.position_embeddings".into(),
+            &[1, 1 + NATIVE_GRID * NATIVE_GRID, d],
+        );
+        add(
+            "embeddings.patch_embeddings.projection.weight".into(),
+            &[d, 3, PATCH_SIZE, PATCH_SIZE],
+        );
         add("embeddings.patch_embeddings.projection.bias".into(), &[d]);
         for i in 0..cfg.num_layers {
             let p = format!("encoder.layer.{i}");
-            for lin in ["attention.attention.query", "attention.attention.key", "attention.attention.value", "attention.output.dense"] {
+            for lin in [
+                "attention.attention.query",
+                "attention.attention.key",
+                "attention.attention.value",
+                "attention.output.dense",
+            ] {
                 add(format!("{p}.{lin}.weight"), &[d, d]);
                 add(format!("{p}.{lin}.bias"), &[d]);
             }
@@ -470,7 +484,12 @@ mod tests {
         let (model, _) = tiny();
         let side = NATIVE_GRID * PATCH_SIZE;
         let table = model.position_embeddings((side, side)).unwrap();
-        let native = Tensor::from_vec(model.embeddings.native_grid.clone(), (1, NATIVE_GRID * NATIVE_GRID, 8), &Device::Cpu).unwrap();
+        let native = Tensor::from_vec(
+            model.embeddings.native_grid.clone(),
+            (1, NATIVE_GRID * NATIVE_GRID, 8),
+            &Device::Cpu,
+        )
+        .unwrap();
         let diff = (table.narrow(1, 1, NATIVE_GRID * NATIVE_GRID).unwrap() - native)
             .unwrap()
             .abs()
@@ -487,19 +506,39 @@ mod tests {
         let (model, cfg) = tiny();
         let dev = Device::Cpu;
         let n = 3 * 28 * 42;
-        let x = Tensor::from_vec((0..n).map(|i| (i % 17) as f32 / 17.0).collect::<Vec<_>>(), (1, 3, 28, 42), &dev).unwrap();
+        let x = Tensor::from_vec(
+            (0..n).map(|i| (i % 17) as f32 / 17.0).collect::<Vec<_>>(),
+            (1, 3, 28, 42),
+            &dev,
+        )
+        .unwrap();
         let got = model.embeddings.patch_embeddings.forward(&x).unwrap();
         let lin = &model.embeddings.patch_embeddings.projection;
-        let w = lin.weight().reshape((cfg.hidden_size, 3, PATCH_SIZE, PATCH_SIZE)).unwrap();
+        let w = lin
+            .weight()
+            .reshape((cfg.hidden_size, 3, PATCH_SIZE, PATCH_SIZE))
+            .unwrap();
         let conv = x.conv2d(&w, 0, PATCH_SIZE, 1, 1).unwrap();
         let conv = conv
-            .broadcast_add(&lin.bias().unwrap().reshape((1, cfg.hidden_size, 1, 1)).unwrap())
+            .broadcast_add(
+                &lin.bias()
+                    .unwrap()
+                    .reshape((1, cfg.hidden_size, 1, 1))
+                    .unwrap(),
+            )
             .unwrap()
             .flatten_from(2)
             .unwrap()
             .transpose(1, 2)
             .unwrap();
-        let diff = (got - conv).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let diff = (got - conv)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert!(diff < 1e-5, "{diff}");
     }
 }

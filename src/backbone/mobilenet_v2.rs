@@ -177,7 +177,10 @@ mod tests {
     fn block_table_reaches_feature_13_with_96_channels() {
         let blocks: usize = INVERTED_RESIDUAL_SETTING.iter().map(|s| s.2).sum();
         assert_eq!(blocks, STRIDE16_FEATURE);
-        assert_eq!(INVERTED_RESIDUAL_SETTING.last().map(|s| s.1), Some(STRIDE16_CHANNELS));
+        assert_eq!(
+            INVERTED_RESIDUAL_SETTING.last().map(|s| s.1),
+            Some(STRIDE16_CHANNELS)
+        );
         // Blocks 1..=6 end in the 32-channel stage, after three stride-2 steps.
         let mut seen = 0;
         let mut stride = STEM_STRIDE;

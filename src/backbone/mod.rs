@@ -50,7 +50,9 @@ pub enum BackboneError {
         expected: Shape,
         got: Shape,
     },
-    #[error("DINOv2 input size must be a positive multiple of {DINOV2_PATCH_SIZE} per side, got {height}x{width}")]
+    #[error(
+        "DINOv2 input size must be a positive multiple of {DINOV2_PATCH_SIZE} per side, got {height}x{width}"
+    )]
     InputSize { height: usize, width: usize },
     #[error("cannot build the backbone from {file}: {source}")]
     Load {
@@ -158,11 +160,12 @@ fn with_weights<T>(
     // lives; the tensors are copied out of the mapping before it is dropped.
     // Another process truncating the file meanwhile is not guarded against,
     // as for any memory-mapped read.
-    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[path], DType::F32, device) }
-        .map_err(|source| BackboneError::Open {
+    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[path], DType::F32, device) }.map_err(
+        |source| BackboneError::Open {
             file: path.to_path_buf(),
             source,
-        })?;
+        },
+    )?;
     build(vb).map_err(|e| classify_load_error(path, e))
 }
 
@@ -214,8 +217,10 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("beltad-backbone-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join(name);
-        let map: HashMap<String, Tensor> =
-            tensors.iter().map(|(k, t)| (k.to_string(), t.clone())).collect();
+        let map: HashMap<String, Tensor> = tensors
+            .iter()
+            .map(|(k, t)| (k.to_string(), t.clone()))
+            .collect();
         candle_core::safetensors::save(&map, &path).unwrap();
         path
     }
@@ -225,7 +230,10 @@ mod tests {
         let dev = Device::Cpu;
         let path = write_safetensors(
             "missing.safetensors",
-            &[("features.0.0.weight", Tensor::zeros((32, 3, 3, 3), DType::F32, &dev).unwrap())],
+            &[(
+                "features.0.0.weight",
+                Tensor::zeros((32, 3, 3, 3), DType::F32, &dev).unwrap(),
+            )],
         );
         let err = load_mobilenet_v2(&path, &dev).unwrap_err();
         match &err {
@@ -243,11 +251,16 @@ mod tests {
         let dev = Device::Cpu;
         let path = write_safetensors(
             "misshaped.safetensors",
-            &[("conv1.weight", Tensor::zeros((64, 3, 3, 3), DType::F32, &dev).unwrap())],
+            &[(
+                "conv1.weight",
+                Tensor::zeros((64, 3, 3, 3), DType::F32, &dev).unwrap(),
+            )],
         );
         let err = load_wide_resnet50_2(&path, &dev).unwrap_err();
         match &err {
-            BackboneError::TensorShape { key, expected, got, .. } => {
+            BackboneError::TensorShape {
+                key, expected, got, ..
+            } => {
                 assert_eq!(key, "conv1.weight");
                 assert_eq!(expected.dims(), &[64, 3, 7, 7]);
                 assert_eq!(got.dims(), &[64, 3, 3, 3]);
@@ -265,7 +278,13 @@ mod tests {
             Err(BackboneError::Open { .. })
         ));
         let err = load_dinov2(path, &Dinov2Config::vit_small(), (350, 351), &dev).unwrap_err();
-        assert!(matches!(err, BackboneError::InputSize { height: 350, width: 351 }));
+        assert!(matches!(
+            err,
+            BackboneError::InputSize {
+                height: 350,
+                width: 351
+            }
+        ));
     }
 
     #[test]

@@ -132,7 +132,12 @@ impl WideResNet50 {
             let mut layer = Vec::with_capacity(blocks);
             for j in 0..blocks {
                 let stride = if j == 0 { first_stride } else { 1 };
-                layer.push(Bottleneck::new(layer_vb.pp(j), in_channels, planes, stride)?);
+                layer.push(Bottleneck::new(
+                    layer_vb.pp(j),
+                    in_channels,
+                    planes,
+                    stride,
+                )?);
                 in_channels = planes * BOTTLENECK_EXPANSION;
             }
             layers.push(layer);
@@ -156,7 +161,9 @@ impl WideResNet50 {
     pub fn forward(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
         let (_, c, h, w) = x.dims4()?;
         if c != IMAGE_CHANNELS {
-            bail!("Wide-ResNet50-2 expects {IMAGE_CHANNELS} input channels, got {c} (input {h}x{w})")
+            bail!(
+                "Wide-ResNet50-2 expects {IMAGE_CHANNELS} input channels, got {c} (input {h}x{w})"
+            )
         }
         let x = self.conv1.forward(x)?;
         let x = max_pool_after_relu(&x)?;
@@ -195,12 +202,25 @@ mod tests {
         // 1x1x3x3 non-negative map: PyTorch's padded pool gives a 2x2 output
         // holding the maxima of the clipped windows.
         let dev = Device::Cpu;
-        let x = Tensor::new(&[[[[1.0f32, 0.0, 2.0], [0.0, 5.0, 0.0], [3.0, 0.0, 4.0]]]], &dev)
+        let x = Tensor::new(
+            &[[[[1.0f32, 0.0, 2.0], [0.0, 5.0, 0.0], [3.0, 0.0, 4.0]]]],
+            &dev,
+        )
+        .unwrap();
+        let y: Vec<f32> = max_pool_after_relu(&x)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
             .unwrap();
-        let y: Vec<f32> = max_pool_after_relu(&x).unwrap().flatten_all().unwrap().to_vec1().unwrap();
         assert_eq!(y, vec![5.0, 5.0, 5.0, 5.0]);
         let x = Tensor::new(&[[[[1.0f32, 0.0, 2.0, 7.0]]]], &dev).unwrap();
-        let y: Vec<f32> = max_pool_after_relu(&x).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let y: Vec<f32> = max_pool_after_relu(&x)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         assert_eq!(y, vec![1.0, 7.0]);
     }
 

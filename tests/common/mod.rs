@@ -57,7 +57,9 @@ pub fn assert_close(label: &str, got: &Tensor, want: &Tensor) {
         .fold(0.0f32, f32::max);
     let max_ref = want.iter().map(|b| b.abs()).fold(0.0f32, f32::max);
     let relative = max_abs_err / max_ref;
-    println!("{label}: max abs err {max_abs_err:.3e}, max |ref| {max_ref:.3}, relative {relative:.3e}");
+    println!(
+        "{label}: max abs err {max_abs_err:.3e}, max |ref| {max_ref:.3}, relative {relative:.3e}"
+    );
     assert!(max_ref > 0.0, "{label}: reference is all zeros");
     assert!(
         relative <= MAX_RELATIVE_ERROR,
@@ -151,7 +153,10 @@ pub fn dinov2_keys(cfg: &Dinov2Config) -> Vec<(String, Vec<usize>)> {
             "embeddings.patch_embeddings.projection.weight".to_string(),
             vec![d, 3, PATCH_SIZE, PATCH_SIZE],
         ),
-        ("embeddings.patch_embeddings.projection.bias".to_string(), vec![d]),
+        (
+            "embeddings.patch_embeddings.projection.bias".to_string(),
+            vec![d],
+        ),
         ("layernorm.weight".to_string(), vec![d]),
         ("layernorm.bias".to_string(), vec![d]),
     ];
@@ -196,17 +201,40 @@ pub fn wide_resnet50_2_keys() -> Vec<(String, Vec<usize>)> {
     let mut keys = Vec::new();
     conv_bn_keys(&mut keys, "conv1", "bn1", [64, 3, 7, 7]);
     let mut in_ch = 64;
-    for (l, (blocks, planes)) in [(3usize, 64usize), (4, 128), (6, 256)].into_iter().enumerate() {
+    for (l, (blocks, planes)) in [(3usize, 64usize), (4, 128), (6, 256)]
+        .into_iter()
+        .enumerate()
+    {
         let width = planes * 2;
         let out = planes * 4;
         for j in 0..blocks {
             let p = format!("layer{}.{j}", l + 1);
-            conv_bn_keys(&mut keys, &format!("{p}.conv1"), &format!("{p}.bn1"), [width, in_ch, 1, 1]);
-            conv_bn_keys(&mut keys, &format!("{p}.conv2"), &format!("{p}.bn2"), [width, width, 3, 3]);
-            conv_bn_keys(&mut keys, &format!("{p}.conv3"), &format!("{p}.bn3"), [out, width, 1, 1]);
+            conv_bn_keys(
+                &mut keys,
+                &format!("{p}.conv1"),
+                &format!("{p}.bn1"),
+                [width, in_ch, 1, 1],
+            );
+            conv_bn_keys(
+                &mut keys,
+                &format!("{p}.conv2"),
+                &format!("{p}.bn2"),
+                [width, width, 3, 3],
+            );
+            conv_bn_keys(
+                &mut keys,
+                &format!("{p}.conv3"),
+                &format!("{p}.bn3"),
+                [out, width, 1, 1],
+            );
             if j == 0 {
                 let ds = format!("{p}.downsample");
-                conv_bn_keys(&mut keys, &format!("{ds}.0"), &format!("{ds}.1"), [out, in_ch, 1, 1]);
+                conv_bn_keys(
+                    &mut keys,
+                    &format!("{ds}.0"),
+                    &format!("{ds}.1"),
+                    [out, in_ch, 1, 1],
+                );
             }
             in_ch = out;
         }

@@ -459,6 +459,11 @@ mod tests {
         let x = Tensor::zeros((2, 3, 28, 42), DType::F32, &Device::Cpu).unwrap();
         let y = model.forward(&x).unwrap();
         assert_eq!(y.dims(), &[2, 1 + 2 * 3, cfg.hidden_size]);
+        let (cls, patches) = Dinov2::split_cls(&y).unwrap();
+        assert_eq!(cls.dims(), &[2, cfg.hidden_size]);
+        assert_eq!(patches.dims(), &[2, 2 * 3, cfg.hidden_size]);
+        let first: Vec<f32> = y.get(1).unwrap().get(0).unwrap().to_vec1().unwrap();
+        assert_eq!(cls.get(1).unwrap().to_vec1::<f32>().unwrap(), first);
     }
 
     #[test]

@@ -199,8 +199,8 @@ impl FoldedConv {
         self.activation.apply(&y)
     }
 
-    /// Same computation through candle's generic convolution, skipping the
-    /// direct depthwise kernel (kept for comparison in tests and benchmarks).
+    /// Same computation through candle's own convolution: the path off the
+    /// CPU, and the reference the CPU paths are tested and timed against.
     pub fn forward_generic(&self, x: &Tensor) -> Result<Tensor> {
         let s = &self.spec;
         let y = x.conv2d(&self.weight, s.padding, s.stride, 1, s.groups)?;

@@ -17,3 +17,6 @@
 
 pub mod resample;
 pub mod rng;
+pub mod linalg;
+pub mod memory_bank;
+pub mod stats;

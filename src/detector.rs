@@ -9,11 +9,12 @@ use std::collections::BTreeMap;
 
 use thiserror::Error;
 
+use crate::branch::BranchError;
 use crate::branch::attribution::AttributionBranch;
 use crate::branch::object::ObjectBranch;
 use crate::branch::texture::TextureBranch;
 use crate::config::{Config, ConfigError, Preset};
-use crate::features::ImageFeatures;
+use crate::features::{Dims, ImageFeatures};
 use crate::fusion::{Branch, BranchOutputs, BranchSet, Fused, fuse};
 use crate::memory_bank::MemoryBank;
 use crate::model_file::{ModelFile, ModelFileError, StoredTensor};
@@ -34,9 +35,19 @@ pub struct Calibration {
 
 impl Calibration {
     /// Builds the calibration from held-out scores with the configured quantile.
-    pub fn from_scores(fused_scores: Vec<f64>, branch_scores: [Vec<f64>; 3], map_normal_max: f32, quantile: f64) -> Self {
+    pub fn from_scores(
+        fused_scores: Vec<f64>,
+        branch_scores: [Vec<f64>; 3],
+        map_normal_max: f32,
+        quantile: f64,
+    ) -> Self {
         let threshold = quantile_of(&fused_scores, quantile);
-        Self { fused_scores, branch_scores, map_normal_max, threshold }
+        Self {
+            fused_scores,
+            branch_scores,
+            map_normal_max,
+            threshold,
+        }
     }
 }
 
@@ -101,25 +112,77 @@ pub enum DetectorError {
     #[error(
         "{path}: the model was fitted with other {backbone} weights (sha256 {fitted}…) than those loaded ({loaded}…); refit, or pass the weights it was fitted with"
     )]
-    WeightsMismatch { path: String, backbone: String, fitted: String, loaded: String },
+    WeightsMismatch {
+        path: String,
+        backbone: String,
+        fitted: String,
+        loaded: String,
+    },
 }
 
 impl Detector {
     /// Scores one image.
-    pub fn score(&self, features: &ImageFeatures) -> ImageVerdict {
+    pub fn score(&self, features: &ImageFeatures) -> Result<ImageVerdict, BranchError> {
         let eval = self.config.fusion.eval_size;
         let branches = BranchOutputs {
-            object: self.object.score(&features.object_cls, &features.object_patches, features.object_grid, eval),
-            attribution: self.attribution.score(&features.attribution_patches, features.attribution_grid, eval),
-            texture: self.texture.score(&features.texture_patches, features.texture_grid, eval),
+            object: self.object.score(
+                &features.object_cls,
+                &features.object_patches,
+                features.object_grid,
+                eval,
+            ),
+            attribution: self.attribution.score(
+                &features.attribution_patches,
+                features.attribution_grid,
+                eval,
+            ),
+            texture: self
+                .texture
+                .score(&features.texture_patches, features.texture_grid, eval)?,
         };
         let fused = fuse(&branches, BranchSet::ALL, &self.config.fusion);
         let anomalous = self.calibration.threshold.map(|t| fused.score > t);
-        ImageVerdict { branches, fused, anomalous }
+        Ok(ImageVerdict {
+            branches,
+            fused,
+            anomalous,
+        })
+    }
+
+    /// Checks that the loaded backbones give the feature widths this model was fitted on.
+    pub fn check_dims(&self, path: &str, dims: &Dims) -> Result<(), DetectorError> {
+        let fitted = Dims {
+            object: self.object.cls.dim(),
+            attribution: self.attribution.mean_token.dim(),
+            texture: self.texture.bank.dim(),
+        };
+        if fitted != *dims {
+            let message = format!(
+                "the model's feature widths {fitted:?} do not match the loaded backbones' {dims:?}"
+            );
+            return Err(DetectorError::Inconsistent {
+                path: path.into(),
+                message,
+            });
+        }
+        if self.object.foreground.len() != fitted.object
+            || self.object.background.len() != fitted.object
+        {
+            let message = "object prototypes do not match the CLS Gaussian's width".to_string();
+            return Err(DetectorError::Inconsistent {
+                path: path.into(),
+                message,
+            });
+        }
+        Ok(())
     }
 
     /// Checks that `loaded` (backbone name → SHA-256) are the weights this model was fitted with.
-    pub fn check_weights(&self, path: &str, loaded: &BTreeMap<String, String>) -> Result<(), DetectorError> {
+    pub fn check_weights(
+        &self,
+        path: &str,
+        loaded: &BTreeMap<String, String>,
+    ) -> Result<(), DetectorError> {
         for (backbone, fitted) in &self.provenance.weights {
             match loaded.get(backbone) {
                 Some(l) if l == fitted => {}
@@ -146,11 +209,22 @@ impl Detector {
             ("n_fit_images", p.n_fit_images.to_string()),
             ("n_bank_images", p.n_bank_images.to_string()),
             ("n_calibration_images", p.n_calibration_images.to_string()),
-            ("weights", serde_json::to_string(&p.weights).unwrap_or_default()),
+            (
+                "weights",
+                serde_json::to_string(&p.weights).unwrap_or_default(),
+            ),
             ("beltad_version", p.beltad_version.clone()),
             ("fit_seconds", format!("{:.3}", p.fit_seconds)),
-            ("map_normal_max", self.calibration.map_normal_max.to_string()),
-            ("threshold", self.calibration.threshold.map_or("none".into(), |t| t.to_string())),
+            (
+                "map_normal_max",
+                self.calibration.map_normal_max.to_string(),
+            ),
+            (
+                "threshold",
+                self.calibration
+                    .threshold
+                    .map_or("none".into(), |t| t.to_string()),
+            ),
         ];
         for (k, v) in meta {
             file.metadata.insert(k.into(), v);
@@ -159,13 +233,25 @@ impl Detector {
         let t = &mut file.tensors;
         put_gaussian(t, "object.cls", &self.object.cls);
         let d = self.object.foreground.len();
-        t.insert("object.foreground".into(), StoredTensor::from_f32(vec![d], &self.object.foreground));
-        t.insert("object.background".into(), StoredTensor::from_f32(vec![d], &self.object.background));
+        t.insert(
+            "object.foreground".into(),
+            StoredTensor::from_f32(vec![d], &self.object.foreground),
+        );
+        t.insert(
+            "object.background".into(),
+            StoredTensor::from_f32(vec![d], &self.object.background),
+        );
         put_gaussian(t, "attribution.mean_token", &self.attribution.mean_token);
         let bank = &self.texture.bank;
-        t.insert("texture.memory_bank".into(), StoredTensor::from_f32(vec![bank.len(), bank.dim()], bank.features()));
+        t.insert(
+            "texture.memory_bank".into(),
+            StoredTensor::from_f32(vec![bank.len(), bank.dim()], bank.features()),
+        );
         let c = &self.calibration;
-        t.insert("calibration.fused_scores".into(), StoredTensor::from_f64(vec![c.fused_scores.len()], &c.fused_scores));
+        t.insert(
+            "calibration.fused_scores".into(),
+            StoredTensor::from_f64(vec![c.fused_scores.len()], &c.fused_scores),
+        );
         for (b, scores) in Branch::ALL.iter().zip(&c.branch_scores) {
             let name = format!("calibration.{}_scores", b.name());
             t.insert(name, StoredTensor::from_f64(vec![scores.len()], scores));
@@ -176,9 +262,16 @@ impl Detector {
     /// Rebuilds a detector, checking every tensor against the stored config.
     pub fn from_model_file(file: &ModelFile, path: &str) -> Result<Self, DetectorError> {
         let config_text: String = file.meta(path, "config")?;
-        let config = Config::from_toml(&config_text, Preset::Default)
-            .map_err(|source| DetectorError::Config { path: path.into(), source })?;
-        let inconsistent = |message: String| DetectorError::Inconsistent { path: path.into(), message };
+        let config = Config::from_toml(&config_text, Preset::Default).map_err(|source| {
+            DetectorError::Config {
+                path: path.into(),
+                source,
+            }
+        })?;
+        let inconsistent = |message: String| DetectorError::Inconsistent {
+            path: path.into(),
+            message,
+        };
 
         let cls = get_gaussian(file, path, "object.cls")?;
         let d = cls.dim();
@@ -197,8 +290,13 @@ impl Detector {
             sigma: config.attribution.sigma,
         };
         let (shape, bank) = file.f32_tensor(path, "texture.memory_bank", &[None, None])?;
-        let bank = MemoryBank::new(bank, shape[1]).map_err(|e| inconsistent(e.to_string()))?;
-        let texture = TextureBranch { bank, reweight_k: config.texture.reweight_k, sigma: config.texture.sigma };
+        let bank =
+            MemoryBank::new(bank, shape[0], shape[1]).map_err(|e| inconsistent(e.to_string()))?;
+        let texture = TextureBranch {
+            bank,
+            reweight_k: config.texture.reweight_k,
+            sigma: config.texture.sigma,
+        };
 
         let (_, fused_scores) = file.f64_tensor(path, "calibration.fused_scores", &[None])?;
         let mut branch_scores: [Vec<f64>; 3] = Default::default();
@@ -209,7 +307,10 @@ impl Detector {
         let threshold_text: String = file.meta(path, "threshold")?;
         let threshold = match threshold_text.as_str() {
             "none" => None,
-            t => Some(t.parse().map_err(|_| inconsistent(format!("threshold `{t}` is not a number")))?),
+            t => Some(
+                t.parse()
+                    .map_err(|_| inconsistent(format!("threshold `{t}` is not a number")))?,
+            ),
         };
         let calibration = Calibration {
             fused_scores,
@@ -223,24 +324,39 @@ impl Detector {
             n_fit_images: file.meta(path, "n_fit_images")?,
             n_bank_images: file.meta(path, "n_bank_images")?,
             n_calibration_images: file.meta(path, "n_calibration_images")?,
-            weights: serde_json::from_str(&weights_json).map_err(|e| inconsistent(format!("weights: {e}")))?,
+            weights: serde_json::from_str(&weights_json)
+                .map_err(|e| inconsistent(format!("weights: {e}")))?,
             beltad_version: file.meta(path, "beltad_version")?,
             fit_seconds: file.meta(path, "fit_seconds")?,
         };
-        Ok(Self { config, object, attribution, texture, calibration, provenance })
+        Ok(Self {
+            config,
+            object,
+            attribution,
+            texture,
+            calibration,
+            provenance,
+        })
     }
 }
 
 fn put_gaussian(t: &mut BTreeMap<String, StoredTensor>, prefix: &str, g: &Gaussian) {
     let d = g.dim();
-    t.insert(format!("{prefix}.mean"), StoredTensor::from_f64(vec![d], g.mean()));
-    t.insert(format!("{prefix}.whitening"), StoredTensor::from_f64(vec![d, d], g.whitening()));
+    t.insert(
+        format!("{prefix}.mean"),
+        StoredTensor::from_f64(vec![d], g.mean()),
+    );
+    t.insert(
+        format!("{prefix}.whitening"),
+        StoredTensor::from_f64(vec![d, d], g.whitening()),
+    );
 }
 
 fn get_gaussian(file: &ModelFile, path: &str, prefix: &str) -> Result<Gaussian, DetectorError> {
     let (shape, mean) = file.f64_tensor(path, &format!("{prefix}.mean"), &[None])?;
     let d = shape[0];
-    let (_, whitening) = file.f64_tensor(path, &format!("{prefix}.whitening"), &[Some(d), Some(d)])?;
+    let (_, whitening) =
+        file.f64_tensor(path, &format!("{prefix}.whitening"), &[Some(d), Some(d)])?;
     Gaussian::from_parts(mean, whitening, d).map_err(|e| DetectorError::Inconsistent {
         path: path.into(),
         message: format!("{prefix}: {e}"),

@@ -17,7 +17,9 @@ use crate::detector::{Detector, ImageVerdict};
 use crate::features::{FeatureError, FeatureExtractor};
 use crate::fusion::Branch;
 use crate::image_io::{DecodeLimits, ImageError, load_mask};
-use crate::metrics::{self, AUPRO_MAX_FPR, MetricError, PixelGroundTruth, PixelSweep, REFERENCE_THRESHOLDS};
+use crate::metrics::{
+    self, AUPRO_MAX_FPR, MetricError, PixelGroundTruth, PixelSweep, REFERENCE_THRESHOLDS,
+};
 use crate::progress::Progress;
 
 /// An evaluation that could not be completed.
@@ -29,6 +31,8 @@ pub enum EvalError {
     Features(#[from] FeatureError),
     #[error(transparent)]
     Image(#[from] ImageError),
+    #[error(transparent)]
+    Branch(#[from] crate::branch::BranchError),
     #[error("{what}: {source}")]
     Metric {
         what: String,
@@ -112,7 +116,13 @@ pub fn evaluate(
     let names = ["fused", "object", "attribution", "texture"];
     let mut results = Vec::with_capacity(4);
     for ((name, scores), map) in names.iter().zip(&score_sets).zip(&collected.maps) {
-        results.push(metrics_of(name, scores, &collected.labels, map, &collected.truth)?);
+        results.push(metrics_of(
+            name,
+            scores,
+            &collected.labels,
+            map,
+            &collected.truth,
+        )?);
         progress.advance(1);
     }
     progress.finish();
@@ -147,7 +157,7 @@ fn collect(
     };
     let mut index = 0;
     let mut mask_error = None;
-    extractor.for_each_image(&paths, "evaluating", progress, |_, item| {
+    extractor.for_each_image::<EvalError>(&paths, "evaluating", progress, |_, item| {
         let item = item?;
         let sample = &samples[index];
         index += 1;
@@ -161,7 +171,7 @@ fn collect(
             },
             None => vec![false; eval * eval],
         };
-        let verdict = detector.score(&item.features);
+        let verdict = detector.score(&item.features)?;
         out.push(sample, &verdict, &mask, eval);
         Ok(())
     })?;
@@ -238,7 +248,10 @@ mod tests {
     fn nearest_mask_resize_samples_floor_positions() {
         // 4x2 (w x h) mask, left half set; to 2x2.
         let mask = vec![true, true, false, false, true, true, false, false];
-        assert_eq!(resize_mask_nearest(&mask, (4, 2), 2), vec![true, false, true, false]);
+        assert_eq!(
+            resize_mask_nearest(&mask, (4, 2), 2),
+            vec![true, false, true, false]
+        );
         // Upsampling 1x1 -> 3x3 replicates.
         assert_eq!(resize_mask_nearest(&[true], (1, 1), 3), vec![true; 9]);
     }

@@ -134,7 +134,12 @@ impl FeatureExtractor {
         let attribution_vit = if attribution_kind == object_kind {
             None
         } else {
-            Some(load_vit(attribution_kind, &locate(attribution_kind)?, sizes.attribution, &device)?)
+            Some(load_vit(
+                attribution_kind,
+                &locate(attribution_kind)?,
+                sizes.attribution,
+                &device,
+            )?)
         };
         let cnn_kind = match config.texture.backbone {
             BackboneKind::WideResnet50_2 => CnnKind::WideResNet50,
@@ -172,9 +177,17 @@ impl FeatureExtractor {
     }
 
     pub fn dims(&self) -> Dims {
-        let attribution = self.attribution_vit.as_ref().unwrap_or(&self.object_vit).hidden_size();
+        let attribution = self
+            .attribution_vit
+            .as_ref()
+            .unwrap_or(&self.object_vit)
+            .hidden_size();
         let (c8, c16) = self.cnn.kind().channels();
-        Dims { object: self.object_vit.hidden_size(), attribution, texture: c8 + c16 }
+        Dims {
+            object: self.object_vit.hidden_size(),
+            attribution,
+            texture: c8 + c16,
+        }
     }
 
     /// Runs `f` on every image in order, with progress. An image that cannot
@@ -188,12 +201,17 @@ impl FeatureExtractor {
     ) -> Result<(), E> {
         progress.start(stage, paths.len() as u64);
         for chunk in paths.chunks(self.batch_size) {
-            let decoded: Vec<Result<RgbImage, ImageError>> =
-                chunk.par_iter().map(|p| load_rgb(p, &self.limits)).collect();
+            let decoded: Vec<Result<RgbImage, ImageError>> = chunk
+                .par_iter()
+                .map(|p| load_rgb(p, &self.limits))
+                .collect();
             let good: Vec<&RgbImage> = decoded.iter().filter_map(|r| r.as_ref().ok()).collect();
             let mut features = self.extract(&good)?.into_iter();
             for (path, image) in chunk.iter().zip(decoded) {
-                let item = image.map(|rgb| Extracted { rgb, features: features.next().expect("one per image") });
+                let item = image.map(|rgb| Extracted {
+                    rgb,
+                    features: features.next().expect("one per image"),
+                });
                 f(path, item)?;
             }
             progress.advance(chunk.len() as u64);
@@ -207,12 +225,22 @@ impl FeatureExtractor {
         if images.is_empty() {
             return Ok(Vec::new());
         }
-        let grids: Vec<GridImage> = images.par_iter().map(|rgb| GridImage::from_rgb(rgb, self.sizes.eval)).collect();
+        let grids: Vec<GridImage> = images
+            .par_iter()
+            .map(|rgb| GridImage::from_rgb(rgb, self.sizes.eval))
+            .collect();
 
         let object_tokens = self.vit_tokens(&self.object_vit, &grids, self.sizes.object)?;
-        let attribution_tokens = match (&self.attribution_vit, self.sizes.attribution == self.sizes.object) {
+        let attribution_tokens = match (
+            &self.attribution_vit,
+            self.sizes.attribution == self.sizes.object,
+        ) {
             (None, true) => None,
-            (vit, _) => Some(self.vit_tokens(vit.as_ref().unwrap_or(&self.object_vit), &grids, self.sizes.attribution)?),
+            (vit, _) => Some(self.vit_tokens(
+                vit.as_ref().unwrap_or(&self.object_vit),
+                &grids,
+                self.sizes.attribution,
+            )?),
         };
         let texture = self.texture_features(&grids)?;
 
@@ -238,11 +266,19 @@ impl FeatureExtractor {
 
     /// Per image: CLS token, patch tokens and patch grid.
     #[allow(clippy::type_complexity)]
-    fn vit_tokens(&self, vit: &Dinov2, grids: &[GridImage], size: usize) -> Result<Vec<(Vec<f32>, Vec<f32>, (usize, usize))>, FeatureError> {
+    fn vit_tokens(
+        &self,
+        vit: &Dinov2,
+        grids: &[GridImage],
+        size: usize,
+    ) -> Result<Vec<(Vec<f32>, Vec<f32>, (usize, usize))>, FeatureError> {
         let batch = self.batch(grids, size)?;
         let tokens = vit.forward(&batch).map_err(compute("DINOv2 forward"))?;
         let (b, n, d) = tokens.dims3().map_err(compute("DINOv2 output"))?;
-        let flat: Vec<f32> = tokens.flatten_all().and_then(|t| t.to_vec1()).map_err(compute("DINOv2 output"))?;
+        let flat: Vec<f32> = tokens
+            .flatten_all()
+            .and_then(|t| t.to_vec1())
+            .map_err(compute("DINOv2 output"))?;
         let side = size / crate::config::VIT_PATCH;
         Ok((0..b)
             .map(|i| {
@@ -252,19 +288,36 @@ impl FeatureExtractor {
             .collect())
     }
 
-    fn texture_features(&self, grids: &[GridImage]) -> Result<Vec<(Vec<f32>, (usize, usize))>, FeatureError> {
+    fn texture_features(
+        &self,
+        grids: &[GridImage],
+    ) -> Result<Vec<(Vec<f32>, (usize, usize))>, FeatureError> {
         let batch = self.batch(grids, self.sizes.texture)?;
         let maps = self.cnn.forward(&batch).map_err(compute("CNN forward"))?;
         let (b, c8, h8, w8) = maps.stride8.dims4().map_err(compute("CNN output"))?;
         let (_, c16, h16, w16) = maps.stride16.dims4().map_err(compute("CNN output"))?;
-        let to_vec = |t: &Tensor| t.flatten_all().and_then(|t| t.to_vec1::<f32>()).map_err(compute("CNN output"));
+        let to_vec = |t: &Tensor| {
+            t.flatten_all()
+                .and_then(|t| t.to_vec1::<f32>())
+                .map_err(compute("CNN output"))
+        };
         let (s8, s16) = (to_vec(&maps.stride8)?, to_vec(&maps.stride16)?);
         let (n8, n16) = (c8 * h8 * w8, c16 * h16 * w16);
         Ok((0..b)
             .map(|i| {
                 patch_features(
-                    FeatureMap { data: &s8[i * n8..(i + 1) * n8], channels: c8, height: h8, width: w8 },
-                    FeatureMap { data: &s16[i * n16..(i + 1) * n16], channels: c16, height: h16, width: w16 },
+                    FeatureMap {
+                        data: &s8[i * n8..(i + 1) * n8],
+                        channels: c8,
+                        height: h8,
+                        width: w8,
+                    },
+                    FeatureMap {
+                        data: &s16[i * n16..(i + 1) * n16],
+                        channels: c16,
+                        height: h16,
+                        width: w16,
+                    },
                 )
             })
             .collect())
@@ -272,12 +325,21 @@ impl FeatureExtractor {
 
     /// `(B, 3, size, size)` normalised inputs.
     fn batch(&self, grids: &[GridImage], size: usize) -> Result<Tensor, FeatureError> {
-        let data: Vec<f32> = grids.par_iter().flat_map_iter(|g| g.branch_input(size)).collect();
-        Tensor::from_vec(data, (grids.len(), 3, size, size), &self.device).map_err(compute("input batch"))
+        let data: Vec<f32> = grids
+            .par_iter()
+            .flat_map_iter(|g| g.branch_input(size))
+            .collect();
+        Tensor::from_vec(data, (grids.len(), 3, size, size), &self.device)
+            .map_err(compute("input batch"))
     }
 }
 
-fn load_vit(kind: BackboneKind, path: &Path, size: usize, device: &Device) -> Result<Dinov2, FeatureError> {
+fn load_vit(
+    kind: BackboneKind,
+    path: &Path,
+    size: usize,
+    device: &Device,
+) -> Result<Dinov2, FeatureError> {
     let cfg = match kind {
         BackboneKind::Dinov2Vitb14 => Dinov2Config::vit_base(),
         _ => Dinov2Config::vit_small(),

@@ -61,7 +61,8 @@ pub fn split(images: &[PathBuf], config: &Config) -> Result<Split, FitError> {
     fit.sort_unstable();
     cal.sort_unstable();
 
-    let n_bank = ((fit.len() as f64 * config.texture.bank_image_fraction).ceil() as usize).clamp(1, fit.len());
+    let n_bank = ((fit.len() as f64 * config.texture.bank_image_fraction).ceil() as usize)
+        .clamp(1, fit.len());
     let mut bank: Vec<usize> = (0..fit.len()).collect();
     SplitMix64::new(config.seed ^ BANK_SEED_SALT).shuffle(&mut bank);
     bank.truncate(n_bank);
@@ -118,20 +119,37 @@ pub fn fit(
     let mut in_bank = vec![false; split.fit.len()];
     split.bank.iter().for_each(|&i| in_bank[i] = true);
     let mut index = 0;
-    extractor.for_each_image(&split.fit, "extracting features", progress, |_, item| {
-        gathered.add(&item?.features, in_bank[index]);
-        index += 1;
-        Ok(())
-    })?;
+    extractor.for_each_image::<FitError>(
+        &split.fit,
+        "extracting features",
+        progress,
+        |_, item| {
+            gathered.add(&item?.features, in_bank[index]);
+            index += 1;
+            Ok(())
+        },
+    )?;
 
     progress.start("fitting branches", 3);
     let dims = extractor.dims();
-    let object = ObjectBranch::fit(&gathered.cls, &gathered.object_patches, dims.object, &config.object, config.seed)?;
+    let object = ObjectBranch::fit(
+        &gathered.cls,
+        &gathered.object_patches,
+        dims.object,
+        &config.object,
+        config.seed,
+    )?;
     drop(std::mem::take(&mut gathered.object_patches));
     progress.advance(1);
-    let attribution = AttributionBranch::fit(&gathered.mean_tokens, dims.attribution, &config.attribution)?;
+    let attribution =
+        AttributionBranch::fit(&gathered.mean_tokens, dims.attribution, &config.attribution)?;
     progress.advance(1);
-    let texture = TextureBranch::fit(&gathered.texture_patches, dims.texture, &config.texture, config.seed)?;
+    let texture = TextureBranch::fit(
+        &gathered.texture_patches,
+        dims.texture,
+        &config.texture,
+        config.seed,
+    )?;
     progress.advance(1);
     progress.finish();
 
@@ -166,8 +184,8 @@ fn calibrate(
     let mut fused = Vec::new();
     let mut branch_scores: [Vec<f64>; 3] = Default::default();
     let mut map_max = 0.0f32;
-    extractor.for_each_image(images, "calibrating", progress, |_, item| {
-        let verdict = detector.score(&item?.features);
+    extractor.for_each_image::<FitError>(images, "calibrating", progress, |_, item| {
+        let verdict = detector.score(&item?.features)?;
         fused.push(verdict.fused.score);
         for (b, scores) in Branch::ALL.iter().zip(&mut branch_scores) {
             scores.push(verdict.branches.get(*b).score);
@@ -176,7 +194,12 @@ fn calibrate(
         Ok(())
     })?;
     let quantile = detector.config.calibration.threshold_quantile;
-    Ok(Calibration::from_scores(fused, branch_scores, map_max, quantile))
+    Ok(Calibration::from_scores(
+        fused,
+        branch_scores,
+        map_max,
+        quantile,
+    ))
 }
 
 #[cfg(test)]
@@ -185,7 +208,9 @@ mod tests {
     use crate::config::Preset;
 
     fn paths(n: usize) -> Vec<PathBuf> {
-        (0..n).map(|i| PathBuf::from(format!("{i:03}.png"))).collect()
+        (0..n)
+            .map(|i| PathBuf::from(format!("{i:03}.png")))
+            .collect()
     }
 
     #[test]
@@ -196,7 +221,11 @@ mod tests {
         assert_eq!(s.fit.len(), 36);
         assert_eq!(s.bank.len(), 18);
         assert!(s.calibration.iter().all(|p| !s.fit.contains(p)));
-        assert_eq!(split(&paths(40), &config).unwrap(), s, "same seed, same split");
+        assert_eq!(
+            split(&paths(40), &config).unwrap(),
+            s,
+            "same seed, same split"
+        );
     }
 
     #[test]
@@ -204,7 +233,10 @@ mod tests {
         let config = Config::preset(Preset::Default);
         let s = split(&paths(5), &config).unwrap();
         assert_eq!(s.calibration.len(), MIN_CALIBRATION_IMAGES);
-        assert!(matches!(split(&paths(3), &config), Err(FitError::TooFewImages(3))));
+        assert!(matches!(
+            split(&paths(3), &config),
+            Err(FitError::TooFewImages(3))
+        ));
     }
 
     #[test]

@@ -58,7 +58,10 @@ impl BranchSet {
     }
 
     pub fn branches(self) -> Vec<Branch> {
-        Branch::ALL.into_iter().filter(|&b| self.contains(b)).collect()
+        Branch::ALL
+            .into_iter()
+            .filter(|&b| self.contains(b))
+            .collect()
     }
 
     /// All seven non-empty subsets, singles first, then pairs, then all three.
@@ -110,7 +113,11 @@ pub struct Fused {
 
 /// Fuses the branches of `set` by the paper's product rule.
 pub fn fuse(outputs: &BranchOutputs, set: BranchSet, config: &FusionConfig) -> Fused {
-    let maps: Vec<&AnomalyMap> = set.branches().iter().map(|&b| &outputs.get(b).map).collect();
+    let maps: Vec<&AnomalyMap> = set
+        .branches()
+        .iter()
+        .map(|&b| &outputs.get(b).map)
+        .collect();
     let product = AnomalyMap::product(&maps);
     let map_max = product.max();
     let mut score = config.lambda_map * f64::from(map_max);
@@ -121,7 +128,11 @@ pub fn fuse(outputs: &BranchOutputs, set: BranchSet, config: &FusionConfig) -> F
         score += config.lambda_obj * outputs.object.score;
     }
     let map = product.gaussian_blurred_with_kernel(config.final_kernel, config.final_sigma);
-    Fused { score, map, map_max }
+    Fused {
+        score,
+        map,
+        map_max,
+    }
 }
 
 #[cfg(test)]
@@ -129,7 +140,10 @@ mod tests {
     use super::*;
 
     fn output(score: f64, map: Vec<f32>) -> BranchOutput {
-        BranchOutput { score, map: AnomalyMap::new(1, map.len(), map) }
+        BranchOutput {
+            score,
+            map: AnomalyMap::new(1, map.len(), map),
+        }
     }
 
     fn outputs() -> BranchOutputs {
@@ -142,7 +156,10 @@ mod tests {
 
     #[test]
     fn paper_rule_on_all_branches() {
-        let config = FusionConfig { final_sigma: 0.0, ..FusionConfig::default() };
+        let config = FusionConfig {
+            final_sigma: 0.0,
+            ..FusionConfig::default()
+        };
         let fused = fuse(&outputs(), BranchSet::ALL, &config);
         // Products: 1.0, 2.0, 0.0; max 2.0. Score: 3 + 0.01·50 + 1·2.
         assert_eq!(fused.map.data, vec![1.0, 2.0, 0.0]);
@@ -151,17 +168,27 @@ mod tests {
 
     #[test]
     fn subsets_keep_only_their_terms() {
-        let config = FusionConfig { final_sigma: 0.0, ..FusionConfig::default() };
+        let config = FusionConfig {
+            final_sigma: 0.0,
+            ..FusionConfig::default()
+        };
         let attr_only = fuse(&outputs(), BranchSet::of(&[Branch::Attribution]), &config);
         assert!((attr_only.score - 4.0).abs() < 1e-12);
-        let obj_tex = fuse(&outputs(), BranchSet::of(&[Branch::Object, Branch::Texture]), &config);
+        let obj_tex = fuse(
+            &outputs(),
+            BranchSet::of(&[Branch::Object, Branch::Texture]),
+            &config,
+        );
         // Products 0.5, 0.5, 0.0; score 3 + 0.5 + 0.5.
         assert!((obj_tex.score - 4.0).abs() < 1e-12);
     }
 
     #[test]
     fn seven_subsets_in_order() {
-        let names: Vec<String> = BranchSet::all_subsets().iter().map(|s| s.to_string()).collect();
+        let names: Vec<String> = BranchSet::all_subsets()
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
         assert_eq!(
             names,
             [

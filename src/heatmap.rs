@@ -24,7 +24,13 @@ impl DisplayScale {
     /// normal images sit in the lower half of the colour map.
     pub fn from_normal_max(map_normal_max: f32) -> Self {
         let high = 2.0 * map_normal_max;
-        Self { high: if high.is_finite() && high > 0.0 { high } else { 1.0 } }
+        Self {
+            high: if high.is_finite() && high > 0.0 {
+                high
+            } else {
+                1.0
+            },
+        }
     }
 
     fn unit(self, v: f32) -> f32 {
@@ -35,7 +41,8 @@ impl DisplayScale {
 /// The "jet" colour map (blue → cyan → yellow → red), as most inspection
 /// tools draw heatmaps.
 pub fn jet(t: f32) -> [u8; 3] {
-    let channel = |centre: f32| ((1.5 - (4.0 * t - centre).abs()).clamp(0.0, 1.0) * 255.0).round() as u8;
+    let channel =
+        |centre: f32| ((1.5 - (4.0 * t - centre).abs()).clamp(0.0, 1.0) * 255.0).round() as u8;
     [channel(3.0), channel(2.0), channel(1.0)]
 }
 
@@ -65,7 +72,11 @@ pub fn overlay(image: &RgbImage, heat: &RgbImage) -> RgbImage {
 pub fn draw_mask_outline(image: &mut RgbImage, mask: &[bool], colour: [u8; 3]) {
     let (w, h) = (image.width() as usize, image.height() as usize);
     let inside = |x: isize, y: isize| {
-        x >= 0 && y >= 0 && (x as usize) < w && (y as usize) < h && mask[y as usize * w + x as usize]
+        x >= 0
+            && y >= 0
+            && (x as usize) < w
+            && (y as usize) < h
+            && mask[y as usize * w + x as usize]
     };
     for y in 0..h as isize {
         for x in 0..w as isize {
@@ -114,7 +125,9 @@ mod tests {
     #[test]
     fn outline_marks_only_the_border() {
         let mut img = RgbImage::new(5, 5);
-        let mask: Vec<bool> = (0..25).map(|i| (1..4).contains(&(i % 5)) && (1..4).contains(&(i / 5))).collect();
+        let mask: Vec<bool> = (0..25)
+            .map(|i| (1..4).contains(&(i % 5)) && (1..4).contains(&(i / 5)))
+            .collect();
         draw_mask_outline(&mut img, &mask, [255, 0, 0]);
         assert_eq!(img.get_pixel(1, 1).0, [255, 0, 0]);
         assert_eq!(img.get_pixel(2, 2).0, [0, 0, 0]);

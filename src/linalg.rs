@@ -113,7 +113,11 @@ impl<'a, T> MatRef<'a, T> {
 /// `out (m×n, row-major) = lhs (m×k) · rhs (k×n)`, single-threaded.
 pub fn matmul_into<T: GemmScalar>(lhs: MatRef<'_, T>, rhs: MatRef<'_, T>, out: &mut [T]) {
     assert_eq!(lhs.cols, rhs.rows, "inner dimensions differ");
-    assert_eq!(out.len(), lhs.rows * rhs.cols, "output buffer has the wrong size");
+    assert_eq!(
+        out.len(),
+        lhs.rows * rhs.cols,
+        "output buffer has the wrong size"
+    );
     if out.is_empty() {
         return;
     }
@@ -283,7 +287,11 @@ pub fn cholesky(a: &[f64], dim: usize) -> Result<Vec<f64>, LinalgError> {
         for j in 0..=i {
             let (done, row_i) = l.split_at(i * dim);
             let row_i = &row_i[..j];
-            let row_j = if j == i { row_i } else { &done[j * dim..j * dim + j] };
+            let row_j = if j == i {
+                row_i
+            } else {
+                &done[j * dim..j * dim + j]
+            };
             let s = a[i * dim + j] - dot_f64(row_i, row_j);
             let value = if i == j {
                 if !(s.is_finite() && s > 0.0) {
@@ -369,7 +377,10 @@ mod tests {
                 bt[j * k + p] = b[p * n + j];
             }
         }
-        let via_t = par_matmul(MatRef::row_major(&a, m, k), MatRef::row_major(&bt, n, k).t());
+        let via_t = par_matmul(
+            MatRef::row_major(&a, m, k),
+            MatRef::row_major(&bt, n, k).t(),
+        );
         for (e, g) in expected.iter().zip(&via_t) {
             assert!((e - g).abs() < 1e-12);
         }
@@ -389,7 +400,11 @@ mod tests {
         let a = random(37, 3);
         let b = random(37, 4);
         let dot_naive: f64 = a.iter().zip(&b).map(|(x, y)| f64::from(x * y)).sum();
-        let dist_naive: f64 = a.iter().zip(&b).map(|(x, y)| f64::from((x - y) * (x - y))).sum();
+        let dist_naive: f64 = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| f64::from((x - y) * (x - y)))
+            .sum();
         assert!((f64::from(dot(&a, &b)) - dot_naive).abs() < 1e-5);
         assert!((f64::from(sq_euclidean(&a, &b)) - dist_naive).abs() < 1e-5);
         assert_eq!(sq_euclidean(&a, &a), 0.0);

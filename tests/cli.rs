@@ -25,7 +25,11 @@ fn beltad(args: &[&str]) -> Output {
 }
 
 fn text(out: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
 }
 
 /// A small config: the default preset's backbones at reduced sizes.
@@ -50,20 +54,30 @@ fn mini_dataset(dir: &Path) -> PathBuf {
     let root = dir.join("mini_belt");
     let copy_n = |from: &Path, to: &Path, n: usize| -> Vec<String> {
         std::fs::create_dir_all(to).unwrap();
-        let mut names: Vec<_> = std::fs::read_dir(from).unwrap().map(|e| e.unwrap().file_name()).collect();
+        let mut names: Vec<_> = std::fs::read_dir(from)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
         names.sort();
         names.truncate(n);
         for name in &names {
             std::fs::copy(from.join(name), to.join(name)).unwrap();
         }
-        names.iter().map(|n| n.to_string_lossy().into_owned()).collect()
+        names
+            .iter()
+            .map(|n| n.to_string_lossy().into_owned())
+            .collect()
     };
     copy_n(&src.join("train/good"), &root.join("train/good"), 8);
     copy_n(&src.join("test/good"), &root.join("test/good"), 3);
     for name in copy_n(&src.join("test/hole"), &root.join("test/hole"), 3) {
         let mask = format!("{}_mask.png", name.trim_end_matches(".jpg"));
         std::fs::create_dir_all(root.join("ground_truth/hole")).unwrap();
-        std::fs::copy(src.join("ground_truth/hole").join(&mask), root.join("ground_truth/hole").join(&mask)).unwrap();
+        std::fs::copy(
+            src.join("ground_truth/hole").join(&mask),
+            root.join("ground_truth/hole").join(&mask),
+        )
+        .unwrap();
     }
     root
 }
@@ -76,16 +90,36 @@ fn fit_predict_eval_on_real_images() {
     std::fs::write(&config, SMALL_CONFIG).unwrap();
     let model = dir.join("m.beltad");
 
-    let out = beltad(&["-q", "fit", "--data", data.to_str().unwrap(), "--model", model.to_str().unwrap(), "--config", config.to_str().unwrap()]);
+    let out = beltad(&[
+        "-q",
+        "fit",
+        "--data",
+        data.to_str().unwrap(),
+        "--model",
+        model.to_str().unwrap(),
+        "--config",
+        config.to_str().unwrap(),
+    ]);
     assert!(out.status.success(), "fit failed: {}", text(&out));
     assert!(model.is_file());
 
     let preds = dir.join("preds");
     let test_good = data.join("test/good");
-    let out = beltad(&["-q", "predict", "--model", model.to_str().unwrap(), "--out", preds.to_str().unwrap(), test_good.to_str().unwrap()]);
+    let out = beltad(&[
+        "-q",
+        "predict",
+        "--model",
+        model.to_str().unwrap(),
+        "--out",
+        preds.to_str().unwrap(),
+        test_good.to_str().unwrap(),
+    ]);
     assert!(out.status.success(), "predict failed: {}", text(&out));
     let jsonl = std::fs::read_to_string(preds.join("scores.jsonl")).unwrap();
-    let lines: Vec<serde_json::Value> = jsonl.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let lines: Vec<serde_json::Value> = jsonl
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(lines.len(), 3);
     for line in &lines {
         let score = line["score"].as_f64().expect("a score");
@@ -94,15 +128,28 @@ fn fit_predict_eval_on_real_images() {
         let heat = preds.join(line["heatmap"].as_str().unwrap());
         let img = image::open(&heat).unwrap();
         let original = image::open(line["image"].as_str().unwrap()).unwrap();
-        assert_eq!((img.width(), img.height()), (original.width(), original.height()));
+        assert_eq!(
+            (img.width(), img.height()),
+            (original.width(), original.height())
+        );
     }
     let csv = std::fs::read_to_string(preds.join("scores.csv")).unwrap();
     assert_eq!(csv.lines().count(), 4, "{csv}");
 
     let json = dir.join("metrics.json");
-    let out = beltad(&["-q", "eval", "--model", model.to_str().unwrap(), "--data", data.to_str().unwrap(), "--json", json.to_str().unwrap()]);
+    let out = beltad(&[
+        "-q",
+        "eval",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--json",
+        json.to_str().unwrap(),
+    ]);
     assert!(out.status.success(), "eval failed: {}", text(&out));
-    let metrics: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let metrics: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     assert_eq!(metrics["n_test_images"], 6);
     assert_eq!(metrics["dataset"], "mini_belt");
     for output in ["fused", "object", "attribution", "texture"] {

@@ -31,11 +31,23 @@ pub struct AttributionBranch {
 
 impl AttributionBranch {
     /// Fits on `(K, D)` mean patch tokens, one row per normal image.
-    pub fn fit(mean_tokens: &[f32], dim: usize, config: &AttributionConfig) -> Result<Self, BranchError> {
+    pub fn fit(
+        mean_tokens: &[f32],
+        dim: usize,
+        config: &AttributionConfig,
+    ) -> Result<Self, BranchError> {
         let n = mean_tokens.len() / dim;
-        let mean_token = Gaussian::fit(mean_tokens, n, dim, &config.covariance)
-            .map_err(|source| BranchError::Stats { branch: "attribution", source })?;
-        Ok(Self { mean_token, sigma: config.sigma })
+        let mean_token =
+            Gaussian::fit(mean_tokens, n, dim, config.covariance.clone()).map_err(|source| {
+                BranchError::Stats {
+                    branch: "attribution",
+                    source,
+                }
+            })?;
+        Ok(Self {
+            mean_token,
+            sigma: config.sigma,
+        })
     }
 
     /// Scores one image from its patch tokens `(h·w, D)`.
@@ -95,7 +107,10 @@ mod tests {
     fn fitted(dim: usize) -> AttributionBranch {
         let mut rng = SplitMix64::new(11);
         let samples: Vec<f32> = (0..40 * dim).map(|_| rng.next_f64() as f32 - 0.5).collect();
-        let config = AttributionConfig { covariance: CovarianceEstimator::LedoitWolf, ..AttributionConfig::default() };
+        let config = AttributionConfig {
+            covariance: CovarianceEstimator::LedoitWolf,
+            ..AttributionConfig::default()
+        };
         AttributionBranch::fit(&samples, dim, &config).unwrap()
     }
 
@@ -105,7 +120,9 @@ mod tests {
         let branch = fitted(dim);
         let mut rng = SplitMix64::new(5);
         let n = 9;
-        let patches: Vec<f32> = (0..n * dim).map(|_| 2.0 * rng.next_f64() as f32 - 1.0).collect();
+        let patches: Vec<f32> = (0..n * dim)
+            .map(|_| 2.0 * rng.next_f64() as f32 - 1.0)
+            .collect();
         let (d_g, c) = branch.contributions(&patches);
 
         let mean_of = |rows: Vec<&[f32]>| -> Vec<f32> {
@@ -120,9 +137,18 @@ mod tests {
         let all: Vec<&[f32]> = patches.chunks(dim).collect();
         assert!((d_g - branch.mean_token.mahalanobis(&mean_of(all.clone()))).abs() < 1e-4);
         for i in 0..n {
-            let rest: Vec<&[f32]> = all.iter().enumerate().filter(|(j, _)| *j != i).map(|(_, r)| *r).collect();
+            let rest: Vec<&[f32]> = all
+                .iter()
+                .enumerate()
+                .filter(|(j, _)| *j != i)
+                .map(|(_, r)| *r)
+                .collect();
             let direct = (d_g - branch.mean_token.mahalanobis(&mean_of(rest))).abs();
-            assert!((f64::from(c[i]) - direct).abs() < 1e-4 * (1.0 + direct), "patch {i}: {} vs {direct}", c[i]);
+            assert!(
+                (f64::from(c[i]) - direct).abs() < 1e-4 * (1.0 + direct),
+                "patch {i}: {} vs {direct}",
+                c[i]
+            );
         }
     }
 
@@ -134,7 +160,12 @@ mod tests {
         patches[7 * dim..8 * dim].copy_from_slice(&[8.0, -8.0, 8.0, -8.0]);
         let out = branch.score(&patches, (4, 4), 8);
         let (_, c) = branch.contributions(&patches);
-        let best = c.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0;
+        let best = c
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .unwrap()
+            .0;
         assert_eq!(best, 7);
         assert_eq!((out.map.height, out.map.width), (8, 8));
     }

@@ -29,6 +29,15 @@ pub enum BranchError {
         #[source]
         source: crate::stats::StatsError,
     },
+    #[error("{branch} branch: {source}")]
+    Bank {
+        branch: &'static str,
+        #[source]
+        source: crate::memory_bank::BankError,
+    },
     #[error("{branch} branch: {message}")]
-    Invalid { branch: &'static str, message: String },
+    Invalid {
+        branch: &'static str,
+        message: String,
+    },
 }

@@ -44,8 +44,12 @@ impl ObjectBranch {
         config: &ObjectConfig,
         seed: u64,
     ) -> Result<Self, BranchError> {
-        let stats = |source| BranchError::Stats { branch: "object", source };
-        let cls_gaussian = Gaussian::fit(cls, cls.len() / dim, dim, &config.covariance).map_err(stats)?;
+        let stats = |source| BranchError::Stats {
+            branch: "object",
+            source,
+        };
+        let cls_gaussian =
+            Gaussian::fit(cls, cls.len() / dim, dim, config.covariance.clone()).map_err(stats)?;
 
         let params = KMeansParams {
             k: PROTOTYPES,
@@ -55,9 +59,14 @@ impl ObjectBranch {
             ..KMeansParams::default()
         };
         let kmeans = KMeans::fit(patches, patches.len() / dim, dim, &params).map_err(stats)?;
-        let (fg, bg) = if kmeans.counts[0] <= kmeans.counts[1] { (0, 1) } else { (1, 0) };
-        let centre = |i: usize| kmeans.centres[i * dim..(i + 1) * dim].to_vec();
-        tracing::debug!(counts = ?kmeans.counts, "object prototypes");
+        let counts = kmeans.counts();
+        let (fg, bg) = if counts[0] <= counts[1] {
+            (0, 1)
+        } else {
+            (1, 0)
+        };
+        let centre = |i: usize| kmeans.centres()[i * dim..(i + 1) * dim].to_vec();
+        tracing::debug!(?counts, "object prototypes");
 
         Ok(Self {
             cls: cls_gaussian,
@@ -70,7 +79,13 @@ impl ObjectBranch {
     }
 
     /// Scores one image from its CLS token `(D,)` and patch tokens `(h·w, D)`.
-    pub fn score(&self, cls: &[f32], patches: &[f32], grid: (usize, usize), eval_size: usize) -> BranchOutput {
+    pub fn score(
+        &self,
+        cls: &[f32],
+        patches: &[f32],
+        grid: (usize, usize),
+        eval_size: usize,
+    ) -> BranchOutput {
         let score = self.cls.mahalanobis(cls);
         let ratios = self.patch_ratios(patches);
         let map = AnomalyMap::new(grid.0, grid.1, ratios)
@@ -113,7 +128,11 @@ impl ObjectBranch {
 }
 
 fn euclidean(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum::<f32>().sqrt()
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y) * (x - y))
+        .sum::<f32>()
+        .sqrt()
 }
 
 #[cfg(test)]
@@ -122,8 +141,21 @@ mod tests {
     use crate::stats::gaussian::CovarianceEstimator;
 
     fn branch(fg: Vec<f32>, bg: Vec<f32>, tau: f32) -> ObjectBranch {
-        let cls = Gaussian::fit(&[0.0, 0.0, 1.0, 1.0, 2.0, 0.0], 3, 2, &CovarianceEstimator::LedoitWolf).unwrap();
-        ObjectBranch { cls, foreground: fg, background: bg, tau, sigma: 0.0, input_size: 4 }
+        let cls = Gaussian::fit(
+            &[0.0, 0.0, 1.0, 1.0, 2.0, 0.0],
+            3,
+            2,
+            CovarianceEstimator::LedoitWolf,
+        )
+        .unwrap();
+        ObjectBranch {
+            cls,
+            foreground: fg,
+            background: bg,
+            tau,
+            sigma: 0.0,
+            input_size: 4,
+        }
     }
 
     #[test]
@@ -152,11 +184,19 @@ mod tests {
     #[test]
     fn fit_picks_the_smaller_cluster_as_foreground() {
         // 6 patches around (0,0), 2 around (5,5).
-        let patches = [0.0, 0.1, 0.1, 0.0, -0.1, 0.0, 0.0, -0.1, 0.05, 0.05, -0.05, 0.0, 5.0, 5.0, 5.1, 5.0];
+        let patches = [
+            0.0, 0.1, 0.1, 0.0, -0.1, 0.0, 0.0, -0.1, 0.05, 0.05, -0.05, 0.0, 5.0, 5.0, 5.1, 5.0,
+        ];
         let cls = [0.0, 1.0, 1.0, 0.0, 0.5, 0.5, 0.2, 0.9];
-        let config = ObjectConfig { covariance: CovarianceEstimator::LedoitWolf, ..ObjectConfig::default() };
+        let config = ObjectConfig {
+            covariance: CovarianceEstimator::LedoitWolf,
+            ..ObjectConfig::default()
+        };
         let b = ObjectBranch::fit(&cls, &patches, 2, &config, 1).unwrap();
-        assert!(b.foreground[0] > 4.0 && b.background[0].abs() < 0.5, "{b:?}");
+        assert!(
+            b.foreground[0] > 4.0 && b.background[0].abs() < 0.5,
+            "{b:?}"
+        );
     }
 
     #[test]
@@ -166,7 +206,10 @@ mod tests {
         let out = b.score(&[0.5, 0.5], &patches, (2, 2), 6);
         assert_eq!((out.map.height, out.map.width), (6, 6));
         let max = out.map.max();
-        assert!(max <= 1.0 + 1e-6 && out.map.data.iter().all(|&v| v >= -1e-6), "{max}");
+        assert!(
+            max <= 1.0 + 1e-6 && out.map.data.iter().all(|&v| v >= -1e-6),
+            "{max}"
+        );
         assert!(out.score.is_finite() && out.score >= 0.0);
     }
 }

@@ -18,7 +18,7 @@
 use crate::anomaly_map::AnomalyMap;
 use crate::branch::{BranchError, BranchOutput};
 use crate::config::TextureConfig;
-use crate::memory_bank::{MemoryBank, greedy_coreset};
+use crate::memory_bank::{BankError, MemoryBank, greedy_coreset};
 
 /// Side of the local aggregation window.
 const AGGREGATION_WINDOW: usize = 3;
@@ -65,7 +65,11 @@ fn avg_pool_3x3(map: FeatureMap) -> Vec<f32> {
     let r = AGGREGATION_WINDOW as isize / 2;
     let norm = (AGGREGATION_WINDOW * AGGREGATION_WINDOW) as f32;
     let mut out = vec![0.0f32; map.data.len()];
-    for (src, dst) in map.data.chunks_exact(h * w).zip(out.chunks_exact_mut(h * w)) {
+    for (src, dst) in map
+        .data
+        .chunks_exact(h * w)
+        .zip(out.chunks_exact_mut(h * w))
+    {
         for y in 0..h as isize {
             for x in 0..w as isize {
                 let mut sum = 0.0f32;
@@ -90,7 +94,10 @@ fn adaptive_avg_pool(planes: &[f32], map: FeatureMap, (oh, ow): (usize, usize)) 
     }
     let span = |i: usize, n: usize, o: usize| (i * n / o, ((i + 1) * n).div_ceil(o));
     let mut out = vec![0.0f32; map.channels * oh * ow];
-    for (src, dst) in planes.chunks_exact(h * w).zip(out.chunks_exact_mut(oh * ow)) {
+    for (src, dst) in planes
+        .chunks_exact(h * w)
+        .zip(out.chunks_exact_mut(oh * ow))
+    {
         for oy in 0..oh {
             let (y0, y1) = span(oy, h, oh);
             for ox in 0..ow {
@@ -108,50 +115,82 @@ fn adaptive_avg_pool(planes: &[f32], map: FeatureMap, (oh, ow): (usize, usize)) 
 
 impl TextureBranch {
     /// Builds the memory bank from `(n, D)` patch features of the bank images.
-    pub fn fit(features: &[f32], dim: usize, config: &TextureConfig, seed: u64) -> Result<Self, BranchError> {
+    pub fn fit(
+        features: &[f32],
+        dim: usize,
+        config: &TextureConfig,
+        seed: u64,
+    ) -> Result<Self, BranchError> {
         let n = features.len() / dim;
         if n == 0 {
             let message = "no patch features to build a memory bank from".into();
-            return Err(BranchError::Invalid { branch: "texture", message });
+            return Err(BranchError::Invalid {
+                branch: "texture",
+                message,
+            });
         }
         // As the reference: int(n × ratio), at least one entry.
         let n_select = ((n as f64 * config.coreset_ratio) as usize).clamp(1, n);
-        let picked = greedy_coreset(features, n, dim, n_select, config.projection_eps, seed);
+        let bank_err = |source| BranchError::Bank {
+            branch: "texture",
+            source,
+        };
+        let picked = greedy_coreset(features, n, dim, n_select, config.projection_eps, seed)
+            .map_err(bank_err)?;
         let mut bank = Vec::with_capacity(picked.len() * dim);
         for &i in &picked {
             bank.extend_from_slice(&features[i * dim..(i + 1) * dim]);
         }
         tracing::debug!(patches = n, bank = picked.len(), "texture memory bank");
-        let bank = MemoryBank::new(bank, dim)
-            .map_err(|source| BranchError::Stats { branch: "texture", source })?;
-        Ok(Self { bank, reweight_k: config.reweight_k, sigma: config.sigma })
+        let bank = MemoryBank::new(bank, picked.len(), dim).map_err(bank_err)?;
+        Ok(Self {
+            bank,
+            reweight_k: config.reweight_k,
+            sigma: config.sigma,
+        })
     }
 
     /// Scores one image from its `(h·w, D)` patch features.
-    pub fn score(&self, features: &[f32], grid: (usize, usize), eval_size: usize) -> BranchOutput {
+    pub fn score(
+        &self,
+        features: &[f32],
+        grid: (usize, usize),
+        eval_size: usize,
+    ) -> Result<BranchOutput, BranchError> {
+        let bank_err = |source| BranchError::Bank {
+            branch: "texture",
+            source,
+        };
         let dim = self.bank.dim();
-        let nearest = self.bank.nearest(features, features.len() / dim);
+        let nearest = self
+            .bank
+            .nearest(features, features.len() / dim)
+            .map_err(bank_err)?;
         let distances: Vec<f32> = nearest.iter().map(|&(_, d)| d).collect();
-        let score = self.image_score(features, &nearest);
+        let score = self.image_score(features, &nearest).map_err(bank_err)?;
         let map = AnomalyMap::new(grid.0, grid.1, distances)
             .min_max_normalised()
             .resized(eval_size, eval_size)
             .gaussian_blurred(self.sigma);
-        BranchOutput { score, map }
+        Ok(BranchOutput { score, map })
     }
 
     /// `w · d*` with PatchCore's neighbourhood re-weighting.
-    fn image_score(&self, features: &[f32], nearest: &[(usize, f32)]) -> f64 {
+    fn image_score(&self, features: &[f32], nearest: &[(usize, f32)]) -> Result<f64, BankError> {
         let dim = self.bank.dim();
-        let Some((star, &(entry, d_star))) = nearest.iter().enumerate().max_by(|a, b| a.1.1.total_cmp(&b.1.1)) else {
-            return 0.0;
+        let Some((star, &(entry, d_star))) = nearest
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.1.total_cmp(&b.1.1))
+        else {
+            return Ok(0.0);
         };
         let p_star = &features[star * dim..(star + 1) * dim];
         let scale = (dim as f64).sqrt();
         // exp(d*)/Σ exp(d_j) = 1/Σ exp(d_j − d*), which cannot overflow.
         let sum: f64 = self
             .bank
-            .k_nearest_entries(entry, self.reweight_k)
+            .k_nearest_entries(entry, self.reweight_k)?
             .iter()
             .filter(|&&(j, _)| j != entry)
             .map(|&(j, _)| {
@@ -161,12 +200,16 @@ impl TextureBranch {
             .sum();
         // A one-entry bank has no neighbourhood to compare with: no re-weighting.
         let weight = if sum > 0.0 { 1.0 - 1.0 / sum } else { 1.0 };
-        weight * f64::from(d_star)
+        Ok(weight * f64::from(d_star))
     }
 }
 
 fn euclidean(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum::<f32>().sqrt()
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y) * (x - y))
+        .sum::<f32>()
+        .sqrt()
 }
 
 #[cfg(test)]
@@ -176,7 +219,12 @@ mod tests {
     #[test]
     fn avg_pool_counts_padding() {
         let data = vec![9.0f32; 9];
-        let map = FeatureMap { data: &data, channels: 1, height: 3, width: 3 };
+        let map = FeatureMap {
+            data: &data,
+            channels: 1,
+            height: 3,
+            width: 3,
+        };
         let out = avg_pool_3x3(map);
         // Corner sees 4 of 9 cells, edge 6, centre 9.
         assert_eq!(out, vec![4.0, 6.0, 4.0, 6.0, 9.0, 6.0, 4.0, 6.0, 4.0]);
@@ -185,7 +233,12 @@ mod tests {
     #[test]
     fn adaptive_pool_upsamples_by_replication() {
         let data = vec![1.0, 2.0, 3.0, 4.0];
-        let map = FeatureMap { data: &data, channels: 1, height: 2, width: 2 };
+        let map = FeatureMap {
+            data: &data,
+            channels: 1,
+            height: 2,
+            width: 2,
+        };
         let out = adaptive_avg_pool(&data, map, (4, 4));
         assert_eq!(&out[..4], &[1.0, 1.0, 2.0, 2.0]);
         assert_eq!(&out[12..], &[3.0, 3.0, 4.0, 4.0]);
@@ -195,7 +248,12 @@ mod tests {
     fn adaptive_pool_overlapping_windows() {
         // 3 -> 2: windows [0, 2) and [1, 3).
         let data = vec![1.0, 2.0, 4.0];
-        let map = FeatureMap { data: &data, channels: 1, height: 1, width: 3 };
+        let map = FeatureMap {
+            data: &data,
+            channels: 1,
+            height: 1,
+            width: 3,
+        };
         assert_eq!(adaptive_avg_pool(&data, map, (1, 2)), vec![1.5, 3.0]);
     }
 
@@ -204,8 +262,18 @@ mod tests {
         let a = vec![1.0f32; 2 * 4 * 4];
         let b = vec![2.0f32; 3 * 2 * 2];
         let (f, grid) = patch_features(
-            FeatureMap { data: &a, channels: 2, height: 4, width: 4 },
-            FeatureMap { data: &b, channels: 3, height: 2, width: 2 },
+            FeatureMap {
+                data: &a,
+                channels: 2,
+                height: 4,
+                width: 4,
+            },
+            FeatureMap {
+                data: &b,
+                channels: 3,
+                height: 2,
+                width: 2,
+            },
         );
         assert_eq!(grid, (4, 4));
         assert_eq!(f.len(), 16 * 5);
@@ -218,12 +286,21 @@ mod tests {
     #[test]
     fn reweighting_follows_the_formula() {
         // Bank: m0 = 0, m1 = 1, m2 = 3 (1-D). Query patches: 0.1 and 10.
-        let bank = MemoryBank::new(vec![0.0, 1.0, 3.0], 1).unwrap();
-        let branch = TextureBranch { bank, reweight_k: 3, sigma: 0.0 };
-        let out = branch.score(&[0.1, 10.0], (1, 2), 2);
+        let bank = MemoryBank::new(vec![0.0, 1.0, 3.0], 3, 1).unwrap();
+        let branch = TextureBranch {
+            bank,
+            reweight_k: 3,
+            sigma: 0.0,
+        };
+        let out = branch.score(&[0.1, 10.0], (1, 2), 2).unwrap();
         // p* = 10, m* = m2 (d* = 7); neighbours of m2 other than itself: m1, m0.
         let (d1, d0) = (9.0f64, 10.0f64);
         let w = 1.0 - 7.0f64.exp() / (d1.exp() + d0.exp());
-        assert!((out.score - w * 7.0).abs() < 1e-9, "{} vs {}", out.score, w * 7.0);
+        assert!(
+            (out.score - w * 7.0).abs() < 1e-9,
+            "{} vs {}",
+            out.score,
+            w * 7.0
+        );
     }
 }

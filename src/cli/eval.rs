@@ -42,7 +42,13 @@ pub struct EvalArgs {
 
 pub fn run(args: &EvalArgs, progress: &dyn Progress) -> anyhow::Result<ExitCode> {
     let (detector, extractor) = load_model(&args.model, &args.backbones)?;
-    let evaluation = evaluate(&detector, &extractor, &args.data, &args.backbones.limits(), progress)?;
+    let evaluation = evaluate(
+        &detector,
+        &extractor,
+        &args.data,
+        &args.backbones.limits(),
+        progress,
+    )?;
     print_table(&evaluation);
     if let Some(path) = &args.json {
         write_json(&evaluation, path)?;
@@ -64,9 +70,16 @@ pub fn print_table(e: &Evaluation) {
         anomalous,
         e.seconds_per_image
     );
-    println!("{:<12} {:>11} {:>11} {:>10} {:>14}", "output", "image AUROC", "pixel AUROC", "AUPRO@0.3", "AUPRO (ref.)");
-    let rows: [(&str, &Metrics); 4] =
-        [("fused", &e.fused), ("object", &e.object), ("attribution", &e.attribution), ("texture", &e.texture)];
+    println!(
+        "{:<12} {:>11} {:>11} {:>10} {:>14}",
+        "output", "image AUROC", "pixel AUROC", "AUPRO@0.3", "AUPRO (ref.)"
+    );
+    let rows: [(&str, &Metrics); 4] = [
+        ("fused", &e.fused),
+        ("object", &e.object),
+        ("attribution", &e.attribution),
+        ("texture", &e.texture),
+    ];
     for (name, m) in rows {
         println!(
             "{name:<12} {:>11.4} {:>11.4} {:>10.4} {:>14.4}",
@@ -74,8 +87,16 @@ pub fn print_table(e: &Evaluation) {
         );
     }
     if let Some(t) = e.threshold {
-        let flagged_normal = e.images.iter().filter(|r| r.defect.is_none() && r.anomalous == Some(true)).count();
-        let caught = e.images.iter().filter(|r| r.defect.is_some() && r.anomalous == Some(true)).count();
+        let flagged_normal = e
+            .images
+            .iter()
+            .filter(|r| r.defect.is_none() && r.anomalous == Some(true))
+            .count();
+        let caught = e
+            .images
+            .iter()
+            .filter(|r| r.defect.is_some() && r.anomalous == Some(true))
+            .count();
         println!(
             "at the model's threshold {t:.4}: {caught}/{anomalous} anomalous images flagged, {flagged_normal}/{} normal images flagged",
             e.n_test_images - anomalous
@@ -95,8 +116,12 @@ pub fn write_json(e: &Evaluation, path: &Path) -> anyhow::Result<()> {
 
 /// Writes per-image scores as CSV atomically.
 pub fn write_scores_csv(e: &Evaluation, path: &Path) -> anyhow::Result<()> {
-    let mut file = AtomicFile::create(path).with_context(|| format!("{}: cannot create", path.display()))?;
-    writeln!(file, "image,defect,score,anomalous,object_score,attribution_score,texture_score")?;
+    let mut file =
+        AtomicFile::create(path).with_context(|| format!("{}: cannot create", path.display()))?;
+    writeln!(
+        file,
+        "image,defect,score,anomalous,object_score,attribution_score,texture_score"
+    )?;
     for r in &e.images {
         writeln!(
             file,
@@ -110,5 +135,6 @@ pub fn write_scores_csv(e: &Evaluation, path: &Path) -> anyhow::Result<()> {
             r.texture_score
         )?;
     }
-    file.commit().with_context(|| format!("{}: cannot write", path.display()))
+    file.commit()
+        .with_context(|| format!("{}: cannot write", path.display()))
 }

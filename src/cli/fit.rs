@@ -33,7 +33,13 @@ pub struct FitArgs {
 }
 
 pub fn run(args: &FitArgs, progress: &dyn Progress) -> anyhow::Result<ExitCode> {
-    let detector = fit_and_save(&args.data, &args.model, &args.config, &args.backbones, progress)?;
+    let detector = fit_and_save(
+        &args.data,
+        &args.model,
+        &args.config,
+        &args.backbones,
+        progress,
+    )?;
     print_summary(&detector, &args.model);
     Ok(ExitCode::SUCCESS)
 }
@@ -59,12 +65,19 @@ pub fn fit_and_save(
 
 fn print_summary(detector: &Detector, model: &Path) {
     let p = &detector.provenance;
-    let threshold = detector.calibration.threshold.map_or("none (no held-out images)".into(), |t| format!("{t:.4}"));
+    let threshold = detector
+        .calibration
+        .threshold
+        .map_or("none (no held-out images)".into(), |t| format!("{t:.4}"));
     println!(
         "fitted {} on {} images ({} in the memory bank's images, {} held out) in {:.1} s",
         p.dataset, p.n_fit_images, p.n_bank_images, p.n_calibration_images, p.fit_seconds
     );
-    println!("memory bank: {} entries of {} dims", detector.texture.bank.len(), detector.texture.bank.dim());
+    println!(
+        "memory bank: {} entries of {} dims",
+        detector.texture.bank.len(),
+        detector.texture.bank.dim()
+    );
     println!("threshold: {threshold}");
     println!("model written to {}", model.display());
 }

@@ -19,6 +19,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
+use clap::builder::TypedValueParser;
 use clap::{Args, Parser, Subcommand};
 
 use beltad::config::{Config, Preset};
@@ -86,7 +87,10 @@ pub struct BackboneArgs {
 
 impl BackboneArgs {
     pub fn limits(&self) -> DecodeLimits {
-        DecodeLimits { max_pixels: self.max_pixels, max_file_bytes: self.max_file_bytes }
+        DecodeLimits {
+            max_pixels: self.max_pixels,
+            max_file_bytes: self.max_file_bytes,
+        }
     }
 
     /// Loads the backbones a config needs.
@@ -126,12 +130,16 @@ impl ConfigArgs {
 }
 
 /// Loads a model file and the backbones it was fitted with.
-pub fn load_model(path: &Path, backbones: &BackboneArgs) -> anyhow::Result<(Detector, FeatureExtractor)> {
+pub fn load_model(
+    path: &Path,
+    backbones: &BackboneArgs,
+) -> anyhow::Result<(Detector, FeatureExtractor)> {
     let shown = path.display().to_string();
     let file = ModelFile::load(path)?;
     let detector = Detector::from_model_file(&file, &shown)?;
     let extractor = backbones.extractor(&detector.config)?;
     detector.check_weights(&shown, extractor.fingerprints())?;
+    detector.check_dims(&shown, &extractor.dims())?;
     Ok((detector, extractor))
 }
 
@@ -195,14 +203,22 @@ fn init_logging(verbose: u8) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("BELTAD_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
 }
 
 fn set_threads(n: usize) -> anyhow::Result<()> {
-    anyhow::ensure!((1..=1024).contains(&n), "--threads {n}: must lie in 1..=1024");
+    anyhow::ensure!(
+        (1..=1024).contains(&n),
+        "--threads {n}: must lie in 1..=1024"
+    );
     // SAFETY: called at start-up, before any other thread exists; candle and
     // gemm read this variable when they size their pools.
     unsafe { std::env::set_var("RAYON_NUM_THREADS", n.to_string()) };
-    rayon::ThreadPoolBuilder::new().num_threads(n).build_global()?;
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .build_global()?;
     Ok(())
 }

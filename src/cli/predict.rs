@@ -60,19 +60,32 @@ pub struct ScoreLine {
     pub error: Option<String>,
 }
 
-const CSV_HEADER: &str =
-    "image,score,anomalous,threshold,object_score,attribution_score,texture_score,heatmap,overlay,error";
+const CSV_HEADER: &str = "image,score,anomalous,threshold,object_score,attribution_score,texture_score,heatmap,overlay,error";
 
 pub fn run(args: &PredictArgs, progress: &dyn Progress) -> anyhow::Result<ExitCode> {
     let images = expand_inputs(&args.inputs)?;
     let (detector, extractor) = load_model(&args.model, &args.backbones)?;
-    let summary = predict(&detector, &extractor, &images, &args.out, !args.no_images, progress)?;
+    let summary = predict(
+        &detector,
+        &extractor,
+        &images,
+        &args.out,
+        !args.no_images,
+        progress,
+    )?;
     println!(
         "scored {} images: {} anomalous, {} normal, {} unreadable; results in {}",
-        summary.scored, summary.anomalous, summary.scored - summary.anomalous, summary.failed,
+        summary.scored,
+        summary.anomalous,
+        summary.scored - summary.anomalous,
+        summary.failed,
         args.out.display()
     );
-    Ok(if summary.failed > 0 { ExitCode::from(EXIT_PARTIAL) } else { ExitCode::SUCCESS })
+    Ok(if summary.failed > 0 {
+        ExitCode::from(EXIT_PARTIAL)
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 /// Counts of a predict run.
@@ -111,19 +124,31 @@ pub fn predict(
         create_dir(&out.join("heatmaps"))?;
         create_dir(&out.join("overlays"))?;
     }
-    let mut jsonl = AtomicFile::create(&out.join("scores.jsonl")).context("cannot create scores.jsonl")?;
-    let mut csv = AtomicFile::create(&out.join("scores.csv")).context("cannot create scores.csv")?;
+    let mut jsonl =
+        AtomicFile::create(&out.join("scores.jsonl")).context("cannot create scores.jsonl")?;
+    let mut csv =
+        AtomicFile::create(&out.join("scores.csv")).context("cannot create scores.csv")?;
     writeln!(csv, "{CSV_HEADER}")?;
 
     let scale = DisplayScale::from_normal_max(detector.calibration.map_normal_max);
     let mut names = UniqueNames::default();
-    let mut summary = Summary { scored: 0, anomalous: 0, failed: 0 };
+    let mut summary = Summary {
+        scored: 0,
+        anomalous: 0,
+        failed: 0,
+    };
     extractor.for_each_image(images, "predicting", progress, |path, item| {
         let line = match item {
             Ok(item) => {
-                let verdict = detector.score(&item.features);
+                let verdict = detector.score(&item.features)?;
                 let files = if pictures {
-                    Some(write_pictures(out, &names.next(path), &item.rgb, &verdict, scale)?)
+                    Some(write_pictures(
+                        out,
+                        &names.next(path),
+                        &item.rgb,
+                        &verdict,
+                        scale,
+                    )?)
                 } else {
                     None
                 };
@@ -147,7 +172,12 @@ pub fn predict(
     Ok(summary)
 }
 
-fn scored_line(path: &Path, detector: &Detector, v: &ImageVerdict, files: Option<(String, String)>) -> ScoreLine {
+fn scored_line(
+    path: &Path,
+    detector: &Detector,
+    v: &ImageVerdict,
+    files: Option<(String, String)>,
+) -> ScoreLine {
     let (heatmap, overlay) = files.unzip();
     ScoreLine {
         image: path.display().to_string(),
@@ -192,7 +222,8 @@ pub fn write_pictures(
     let overlay_rel = format!("overlays/{name}.png");
     for (rel, picture) in [(&heat_rel, &heat), (&overlay_rel, &blend)] {
         let path = out.join(rel);
-        write_atomic(&path, &png_bytes(picture)?).with_context(|| format!("{}: cannot write", path.display()))?;
+        write_atomic(&path, &png_bytes(picture)?)
+            .with_context(|| format!("{}: cannot write", path.display()))?;
     }
     Ok((heat_rel, overlay_rel))
 }
@@ -203,7 +234,9 @@ pub struct UniqueNames(HashSet<String>);
 
 impl UniqueNames {
     pub fn next(&mut self, path: &Path) -> String {
-        let stem = path.file_stem().map_or_else(|| "image".into(), |s| s.to_string_lossy().into_owned());
+        let stem = path
+            .file_stem()
+            .map_or_else(|| "image".into(), |s| s.to_string_lossy().into_owned());
         let mut name = stem.clone();
         let mut k = 2;
         while !self.0.insert(name.clone()) {

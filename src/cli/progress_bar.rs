@@ -15,7 +15,10 @@ pub struct Bars {
 
 impl Bars {
     pub fn new(quiet: bool) -> Self {
-        Self { current: Mutex::new(None), quiet }
+        Self {
+            current: Mutex::new(None),
+            quiet,
+        }
     }
 
     fn with_bar(&self, f: impl FnOnce(&mut Option<ProgressBar>)) {

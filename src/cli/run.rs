@@ -50,7 +50,13 @@ pub fn run(args: &RunArgs, progress: &dyn Progress) -> anyhow::Result<ExitCode> 
     );
 
     let (detector, extractor) = load_model(&model, &args.backbones)?;
-    let evaluation = evaluate(&detector, &extractor, &args.data, &args.backbones.limits(), progress)?;
+    let evaluation = evaluate(
+        &detector,
+        &extractor,
+        &args.data,
+        &args.backbones.limits(),
+        progress,
+    )?;
     print_table(&evaluation);
     write_json(&evaluation, &args.out.join("metrics.json"))?;
     write_scores_csv(&evaluation, &args.out.join("scores.csv"))?;
@@ -58,7 +64,11 @@ pub fn run(args: &RunArgs, progress: &dyn Progress) -> anyhow::Result<ExitCode> 
     let sample = sample_per_class(&samples, args.heatmaps_per_class);
     let pictures = args.out.join("pictures");
     predict(&detector, &extractor, &sample, &pictures, true, progress)?;
-    println!("metrics in {}, heatmaps in {}", args.out.join("metrics.json").display(), pictures.display());
+    println!(
+        "metrics in {}, heatmaps in {}",
+        args.out.join("metrics.json").display(),
+        pictures.display()
+    );
     Ok(ExitCode::SUCCESS)
 }
 

@@ -126,7 +126,12 @@ impl KMeans {
         for init in 0..params.n_init {
             let seeds = problem.seed_centres(&mut rng);
             let run = problem.lloyd(seeds, params.max_iter, shift_tolerance);
-            tracing::debug!(init, inertia = run.inertia, n_iter = run.n_iter, "k-means run");
+            tracing::debug!(
+                init,
+                inertia = run.inertia,
+                n_iter = run.n_iter,
+                "k-means run"
+            );
             if best.as_ref().is_none_or(|b| run.inertia < b.inertia) {
                 best = Some(run);
             }
@@ -136,7 +141,11 @@ impl KMeans {
     }
 
     /// Rebuild from stored centres (`k × dim`) and training counts (`k`).
-    pub fn from_parts(centres: Vec<f32>, counts: Vec<usize>, dim: usize) -> Result<Self, StatsError> {
+    pub fn from_parts(
+        centres: Vec<f32>,
+        counts: Vec<usize>,
+        dim: usize,
+    ) -> Result<Self, StatsError> {
         let k = counts.len();
         if k == 0 {
             return Err(StatsError::KMeansZeroClusters);
@@ -208,7 +217,13 @@ impl KMeans {
     fn nearest(&self, x: &[f32], n: usize) -> Vec<(usize, f32)> {
         assert_eq!(x.len(), n * self.dim, "samples are not n × dim");
         x.par_chunks(self.dim)
-            .map(|row| argmin(self.centres.chunks_exact(self.dim).map(|c| sq_euclidean(row, c))))
+            .map(|row| {
+                argmin(
+                    self.centres
+                        .chunks_exact(self.dim)
+                        .map(|c| sq_euclidean(row, c)),
+                )
+            })
             .collect()
     }
 }
@@ -330,7 +345,11 @@ impl Problem<'_> {
                     cumulative.partition_point(|&c| c < target).min(self.n - 1)
                 })
                 .collect();
-            let points: Vec<f32> = candidates.iter().flat_map(|&i| self.row(i)).copied().collect();
+            let points: Vec<f32> = candidates
+                .iter()
+                .flat_map(|&i| self.row(i))
+                .copied()
+                .collect();
             let dist = self.sq_distances_to(&points);
 
             let mut best: Option<(f64, usize)> = None;
@@ -440,8 +459,16 @@ impl Problem<'_> {
             changed: 0,
         };
         for part in parts {
-            total.sums.iter_mut().zip(&part.sums).for_each(|(a, b)| *a += b);
-            total.counts.iter_mut().zip(&part.counts).for_each(|(a, b)| *a += b);
+            total
+                .sums
+                .iter_mut()
+                .zip(&part.sums)
+                .for_each(|(a, b)| *a += b);
+            total
+                .counts
+                .iter_mut()
+                .zip(&part.counts)
+                .for_each(|(a, b)| *a += b);
             total.changed += part.changed;
         }
         total
@@ -480,7 +507,10 @@ mod tests {
         let mut data = Vec::new();
         for c in centres {
             for _ in 0..per_blob {
-                data.extend(c.iter().map(|&v| v + spread * (2.0 * rng.next_f64() as f32 - 1.0)));
+                data.extend(
+                    c.iter()
+                        .map(|&v| v + spread * (2.0 * rng.next_f64() as f32 - 1.0)),
+                );
             }
         }
         data
@@ -488,7 +518,11 @@ mod tests {
 
     fn three_blob_centres(dim: usize) -> Vec<Vec<f32>> {
         (0..3)
-            .map(|b| (0..dim).map(|j| if j % 3 == b { 10.0 } else { -5.0 }).collect())
+            .map(|b| {
+                (0..dim)
+                    .map(|j| if j % 3 == b { 10.0 } else { -5.0 })
+                    .collect()
+            })
             .collect()
     }
 
@@ -512,7 +546,9 @@ mod tests {
         assert_eq!(km.counts(), &[per_blob; 3]);
         // Each true centre is close to exactly one fitted centre.
         for c in &centres {
-            let close = (0..3).filter(|&j| sq_euclidean(c, km.centre(j)) < 0.5).count();
+            let close = (0..3)
+                .filter(|&j| sq_euclidean(c, km.centre(j)) < 0.5)
+                .count();
             assert_eq!(close, 1);
         }
         // Labels are constant on each blob.
@@ -521,7 +557,12 @@ mod tests {
             assert!(blob.iter().all(|&l| l == blob[0]));
         }
         let inertia: f64 = (0..n)
-            .map(|i| f64::from(sq_euclidean(&data[i * dim..(i + 1) * dim], km.centre(labels[i]))))
+            .map(|i| {
+                f64::from(sq_euclidean(
+                    &data[i * dim..(i + 1) * dim],
+                    km.centre(labels[i]),
+                ))
+            })
             .sum();
         assert!((km.inertia() - inertia).abs() < 1e-9 * inertia);
     }
@@ -560,7 +601,10 @@ mod tests {
             ..params(4, 3)
         };
         let run = |threads: usize| {
-            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
             pool.install(|| KMeans::fit(data, n, dim, &p).unwrap())
         };
         let one = run(1);
@@ -621,7 +665,10 @@ mod tests {
             n_init: 0,
             ..KMeansParams::default()
         };
-        assert_eq!(KMeans::fit(&[0.0; 4], 2, 2, &p), Err(StatsError::KMeansZeroInits));
+        assert_eq!(
+            KMeans::fit(&[0.0; 4], 2, 2, &p),
+            Err(StatsError::KMeansZeroInits)
+        );
     }
 
     #[test]
@@ -630,7 +677,10 @@ mod tests {
             max_iter: 0,
             ..KMeansParams::default()
         };
-        assert_eq!(KMeans::fit(&[0.0; 4], 2, 2, &p), Err(StatsError::KMeansZeroIterations));
+        assert_eq!(
+            KMeans::fit(&[0.0; 4], 2, 2, &p),
+            Err(StatsError::KMeansZeroIterations)
+        );
     }
 
     #[test]
@@ -640,7 +690,10 @@ mod tests {
                 tolerance,
                 ..KMeansParams::default()
             };
-            assert!(matches!(p.validate(), Err(StatsError::KMeansInvalidTolerance(_))));
+            assert!(matches!(
+                p.validate(),
+                Err(StatsError::KMeansInvalidTolerance(_))
+            ));
         }
     }
 
@@ -648,7 +701,11 @@ mod tests {
     fn rejects_bad_data() {
         assert_eq!(
             KMeans::fit(&[0.0; 5], 2, 2, &params(1, 0)),
-            Err(StatsError::ShapeMismatch { len: 5, n: 2, dim: 2 })
+            Err(StatsError::ShapeMismatch {
+                len: 5,
+                n: 2,
+                dim: 2
+            })
         );
         assert_eq!(
             KMeans::fit(&[0.0, f32::NAN], 1, 2, &params(1, 0)),
@@ -662,14 +719,25 @@ mod tests {
         assert_eq!(km.assign(&[1.0, 1.0, 9.0, 8.0, 5.0, 5.0], 3), vec![0, 1, 0]);
         assert_eq!(
             KMeans::from_parts(vec![0.0; 3], vec![1, 1], 2),
-            Err(StatsError::ShapeMismatch { len: 3, n: 2, dim: 2 })
+            Err(StatsError::ShapeMismatch {
+                len: 3,
+                n: 2,
+                dim: 2
+            })
         );
     }
 
     #[test]
     fn params_deserialise_with_defaults() {
         let p: KMeansParams = serde_json::from_str(r#"{"k": 3, "seed": 5}"#).unwrap();
-        assert_eq!(p, KMeansParams { k: 3, seed: 5, ..KMeansParams::default() });
+        assert_eq!(
+            p,
+            KMeansParams {
+                k: 3,
+                seed: 5,
+                ..KMeansParams::default()
+            }
+        );
         assert!(serde_json::from_str::<KMeansParams>(r#"{"clusters": 3}"#).is_err());
     }
 

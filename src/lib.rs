@@ -15,8 +15,8 @@
 //! features of one image are `(N, D)` row-major over the patch grid; a memory
 //! bank is `(M, D)`; anomaly maps are `(H, W)` row-major.
 
-pub mod resample;
-pub mod rng;
 pub mod linalg;
 pub mod memory_bank;
+pub mod resample;
+pub mod rng;
 pub mod stats;

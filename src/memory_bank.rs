@@ -182,7 +182,9 @@ impl MemoryBank {
             });
         }
         if let Some(i) = queries.iter().position(|v| !v.is_finite()) {
-            return Err(BankError::NonFiniteQuery { query: i / self.dim });
+            return Err(BankError::NonFiniteQuery {
+                query: i / self.dim,
+            });
         }
         let bank_norms: Vec<f32> = self.sq_norms.iter().map(|v| v.sqrt()).collect();
         let error_scale = ROUNDING_SAFETY * (self.dim as f32 + 3.0) * f32::EPSILON / 2.0;
@@ -208,7 +210,8 @@ impl MemoryBank {
 
         for start in (0..self.n).step_by(BANK_BLOCK) {
             let len = BANK_BLOCK.min(self.n - start);
-            let bank = MatRef::row_major(&self.features[start * dim..(start + len) * dim], len, dim);
+            let bank =
+                MatRef::row_major(&self.features[start * dim..(start + len) * dim], len, dim);
             let dots = &mut dots[..nq * len];
             linalg::matmul_into(MatRef::row_major(queries, nq, dim), bank.t(), dots);
             for (q, (window, dots)) in windows.iter_mut().zip(dots.chunks_exact(len)).enumerate() {
@@ -236,12 +239,13 @@ impl MemoryBank {
     /// other entries, closest first (lowest index on ties); `k` is capped at
     /// the bank size. PatchCore's re-weighting uses the neighbours of the
     /// nearest entry of the most anomalous patch.
-    pub fn k_nearest_entries(&self, entry: usize, k: usize) -> Result<Vec<(usize, f32)>, BankError> {
+    pub fn k_nearest_entries(
+        &self,
+        entry: usize,
+        k: usize,
+    ) -> Result<Vec<(usize, f32)>, BankError> {
         if entry >= self.n {
-            return Err(BankError::EntryOutOfRange {
-                entry,
-                len: self.n,
-            });
+            return Err(BankError::EntryOutOfRange { entry, len: self.n });
         }
         let k = k.min(self.n);
         if k == 0 {
@@ -256,7 +260,8 @@ impl MemoryBank {
             .filter(|&(j, _)| j != entry)
             .map(|(j, d)| (d, j))
             .collect();
-        let by_distance = |a: &(f32, usize), b: &(f32, usize)| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1));
+        let by_distance =
+            |a: &(f32, usize), b: &(f32, usize)| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1));
         if k - 1 < others.len() {
             others.select_nth_unstable_by(k - 1, by_distance);
             others.truncate(k - 1);
@@ -333,7 +338,9 @@ mod tests {
 
     fn uniform(n: usize, dim: usize, seed: u64, scale: f32, offset: f32) -> Vec<f32> {
         let mut rng = SplitMix64::new(seed);
-        (0..n * dim).map(|_| offset + scale * rng.next_f64() as f32).collect()
+        (0..n * dim)
+            .map(|_| offset + scale * rng.next_f64() as f32)
+            .collect()
     }
 
     fn brute_force(bank: &MemoryBank, queries: &[f32]) -> Vec<(usize, f32)> {
@@ -359,7 +366,10 @@ mod tests {
         for (n, nq, dim, seed) in [(2500, 150, 24, 1), (700, 70, 130, 2), (1, 5, 3, 3)] {
             let bank = MemoryBank::new(uniform(n, dim, seed, 1.0, 0.0), n, dim).unwrap();
             let queries = uniform(nq, dim, seed + 100, 1.0, 0.0);
-            assert_eq!(bank.nearest(&queries, nq).unwrap(), brute_force(&bank, &queries));
+            assert_eq!(
+                bank.nearest(&queries, nq).unwrap(),
+                brute_force(&bank, &queries)
+            );
         }
     }
 
@@ -393,7 +403,9 @@ mod tests {
         // A bank full of duplicates of random rows.
         let (n, dim) = (300, 8);
         let base = uniform(30, dim, 6, 1.0, 0.0);
-        let features: Vec<f32> = (0..n).flat_map(|i| base[(i % 30) * dim..(i % 30 + 1) * dim].to_vec()).collect();
+        let features: Vec<f32> = (0..n)
+            .flat_map(|i| base[(i % 30) * dim..(i % 30 + 1) * dim].to_vec())
+            .collect();
         let bank = MemoryBank::new(features, n, dim).unwrap();
         let queries = uniform(50, dim, 7, 1.0, 0.0);
         let got = bank.nearest(&queries, 50).unwrap();
@@ -407,7 +419,10 @@ mod tests {
         let bank = MemoryBank::new(uniform(n, dim, 8, 1.0, 0.0), n, dim).unwrap();
         let queries = uniform(nq, dim, 9, 1.0, 0.0);
         let run = |threads: usize| {
-            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
             pool.install(|| bank.nearest(&queries, nq).unwrap())
         };
         assert_eq!(run(1), run(2));
@@ -455,7 +470,11 @@ mod tests {
         assert_eq!(MemoryBank::new(vec![], 0, 0), Err(BankError::ZeroDimension));
         assert_eq!(
             MemoryBank::new(vec![0.0; 5], 2, 2),
-            Err(BankError::ShapeMismatch { len: 5, n: 2, dim: 2 })
+            Err(BankError::ShapeMismatch {
+                len: 5,
+                n: 2,
+                dim: 2
+            })
         );
         assert_eq!(
             MemoryBank::new(vec![0.0, 1.0, f32::NAN, 0.0], 2, 2),
@@ -464,7 +483,11 @@ mod tests {
         let bank = MemoryBank::new(vec![0.0; 4], 2, 2).unwrap();
         assert_eq!(
             bank.nearest(&[0.0; 3], 1),
-            Err(BankError::QueryDimMismatch { len: 3, nq: 1, dim: 2 })
+            Err(BankError::QueryDimMismatch {
+                len: 3,
+                nq: 1,
+                dim: 2
+            })
         );
         assert_eq!(
             bank.nearest(&[0.0, f32::INFINITY], 1),
@@ -482,6 +505,31 @@ mod tests {
             MemoryBank::from_rows(&features, 4, 3, &[4]),
             Err(BankError::EntryOutOfRange { entry: 4, len: 4 })
         );
-        assert_eq!(MemoryBank::from_rows(&features, 4, 3, &[]), Err(BankError::Empty));
+        assert_eq!(
+            MemoryBank::from_rows(&features, 4, 3, &[]),
+            Err(BankError::Empty)
+        );
+    }
+
+    /// Timing of one test image's search (900 patches) against banks of the
+    /// texture branch's size. Run:
+    /// `cargo test --release --lib timing_ -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn timing_nearest_900_queries() {
+        for (n, dim) in [(2_565, 128), (9_000, 1536)] {
+            let bank = MemoryBank::new(uniform(n, dim, 1, 1.0, 0.0), n, dim).unwrap();
+            let queries = uniform(900, dim, 2, 1.0, 0.0);
+            let start = std::time::Instant::now();
+            let got = bank.nearest(&queries, 900).unwrap();
+            let first = start.elapsed();
+            let start = std::time::Instant::now();
+            let _ = bank.nearest(&queries, 900).unwrap();
+            println!(
+                "nearest of 900 against {n}x{dim}: {first:.2?} (again: {:.2?})",
+                start.elapsed()
+            );
+            assert_eq!(got.len(), 900);
+        }
     }
 }

@@ -23,8 +23,8 @@ use std::borrow::Cow;
 
 use rayon::prelude::*;
 
-use super::{BankError, check_rows};
 use super::projection::{SparseRandomProjection, jl_min_dim};
+use super::{BankError, check_rows};
 use crate::linalg::sq_euclidean;
 
 /// Points per rayon task in the refresh pass.
@@ -78,7 +78,10 @@ pub fn k_center_greedy(points: &[f32], n: usize, dim: usize, n_select: usize) ->
 
     // Squared distance of every point to its nearest selected point, and
     // which selected point (position in `selected`) that is.
-    let mut min_sq: Vec<f32> = points.par_chunks(dim.max(1)).map(|x| sq_euclidean(x, row(0))).collect();
+    let mut min_sq: Vec<f32> = points
+        .par_chunks(dim.max(1))
+        .map(|x| sq_euclidean(x, row(0)))
+        .collect();
     let mut owner = vec![0u32; n];
     min_sq[0] = SELECTED;
     let mut selected = vec![0usize];
@@ -87,7 +90,10 @@ pub fn k_center_greedy(points: &[f32], n: usize, dim: usize, n_select: usize) ->
     while selected.len() < n_select {
         let s = farthest;
         let new_owner = selected.len() as u32;
-        let centre_sq: Vec<f32> = selected.par_iter().map(|&c| sq_euclidean(row(c), row(s))).collect();
+        let centre_sq: Vec<f32> = selected
+            .par_iter()
+            .map(|&c| sq_euclidean(row(c), row(s)))
+            .collect();
         selected.push(s);
         min_sq[s] = SELECTED;
 
@@ -174,8 +180,8 @@ mod tests {
         while selected.len() < n_select {
             let s = argmax_with_value(&min_sq).1;
             selected.push(s);
-            for i in 0..n {
-                min_sq[i] = min_sq[i].min(sq_euclidean(row(i), row(s)));
+            for (i, m) in min_sq.iter_mut().enumerate() {
+                *m = m.min(sq_euclidean(row(i), row(s)));
             }
             min_sq[s] = SELECTED;
         }
@@ -224,7 +230,9 @@ mod tests {
     fn duplicates_are_never_selected_twice() {
         // Ten distinct points, each repeated three times.
         let base = uniform(10, 4, 5);
-        let data: Vec<f32> = (0..30).flat_map(|i| base[(i % 10) * 4..(i % 10 + 1) * 4].to_vec()).collect();
+        let data: Vec<f32> = (0..30)
+            .flat_map(|i| base[(i % 10) * 4..(i % 10 + 1) * 4].to_vec())
+            .collect();
         let picked = k_center_greedy(&data, 30, 4, 30);
         let mut sorted = picked.clone();
         sorted.sort();
@@ -241,7 +249,10 @@ mod tests {
         let (n, dim) = (20_000, 12);
         let data = uniform(n, dim, 6);
         let run = |threads: usize| {
-            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
             pool.install(|| greedy_coreset(&data, n, dim, 200, 0.9, 7).unwrap())
         };
         let one = run(1);
@@ -256,7 +267,9 @@ mod tests {
         // 64-d ones are used as they are.
         assert_eq!(jl_min_dim(50, 0.9), 96);
         let wide = uniform(50, 200, 8);
-        let projected = SparseRandomProjection::new(200, 96, 1).unwrap().project(&wide, 50);
+        let projected = SparseRandomProjection::new(200, 96, 1)
+            .unwrap()
+            .project(&wide, 50);
         assert_eq!(
             greedy_coreset(&wide, 50, 200, 10, 0.9, 1).unwrap(),
             k_center_greedy(&projected, 50, 96, 10)
@@ -281,5 +294,55 @@ mod tests {
             greedy_coreset(&data, 5, 2, 3, 0.9, 0),
             Err(BankError::ShapeMismatch { .. })
         ));
+    }
+
+    /// `n × dim` points around `clusters` random centres (a crude stand-in
+    /// for patch features, which are far from uniform).
+    fn clustered(n: usize, dim: usize, clusters: usize, seed: u64) -> Vec<f32> {
+        let centres = uniform(clusters, dim, seed);
+        let mut rng = SplitMix64::new(seed + 1);
+        (0..n)
+            .flat_map(|_| {
+                let c = rng.below(clusters);
+                let noise: Vec<f32> = (0..dim).map(|_| 0.3 * rng.next_f64() as f32).collect();
+                centres[c * dim..(c + 1) * dim]
+                    .iter()
+                    .zip(noise)
+                    .map(|(a, b)| 4.0 * a + b)
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    /// Timing at the texture branch's scale: 1% coresets.
+    /// Run: `cargo test --release --lib timing_ -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn timing_greedy_coreset_one_percent() {
+        for (n, dim) in [(256_500, 128), (100_000, 1536)] {
+            for (name, data) in [
+                ("uniform", uniform(n, dim, 1)),
+                ("clustered", clustered(n, dim, 200, 2)),
+            ] {
+                let target = jl_min_dim(n, 0.9);
+                if target < dim {
+                    let start = std::time::Instant::now();
+                    let p = SparseRandomProjection::new(dim, target, 0).unwrap();
+                    let _ = p.project(&data, n);
+                    println!(
+                        "  projection {dim} -> {target} of {n} rows: {:.2?}",
+                        start.elapsed()
+                    );
+                }
+                let start = std::time::Instant::now();
+                let picked = greedy_coreset(&data, n, dim, n / 100, 0.9, 0).unwrap();
+                println!(
+                    "coreset of {} from {n}x{dim} ({name}, JL dim {}): {:.2?}",
+                    picked.len(),
+                    jl_min_dim(n, 0.9),
+                    start.elapsed()
+                );
+            }
+        }
     }
 }

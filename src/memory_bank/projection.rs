@@ -146,7 +146,10 @@ impl SparseRandomProjection {
                 self.negative_start[c],
                 self.row_start[c + 1],
             );
-            let positive: f32 = self.indices[start..neg].iter().map(|&j| x[j as usize]).sum();
+            let positive: f32 = self.indices[start..neg]
+                .iter()
+                .map(|&j| x[j as usize])
+                .sum();
             let negative: f32 = self.indices[neg..end].iter().map(|&j| x[j as usize]).sum();
             *y = (positive - negative) * self.scale;
         }
@@ -176,7 +179,9 @@ mod tests {
         let nnz = p.nnz() as f64;
         // Binomial(120000, 0.05): sd ≈ 75.
         assert!((nnz - expected).abs() < 400.0, "nnz {nnz}");
-        let negatives: usize = (0..300).map(|c| p.row_start[c + 1] - p.negative_start[c]).sum();
+        let negatives: usize = (0..300)
+            .map(|c| p.row_start[c + 1] - p.negative_start[c])
+            .sum();
         assert!((negatives as f64 / nnz - 0.5).abs() < 0.02);
         assert!((f64::from(p.scale) - (20.0f64 / 300.0).sqrt()).abs() < 1e-6);
     }

@@ -228,7 +228,11 @@ impl Gaussian {
     /// Mahalanobis distance of one sample (`dim` values).
     pub fn mahalanobis(&self, x: &[f32]) -> f64 {
         assert_eq!(x.len(), self.dim, "sample has the wrong dimension");
-        let centred: Vec<f64> = x.iter().zip(&self.mean).map(|(&v, m)| f64::from(v) - m).collect();
+        let centred: Vec<f64> = x
+            .iter()
+            .zip(&self.mean)
+            .map(|(&v, m)| f64::from(v) - m)
+            .collect();
         let sum_sq: f64 = self
             .whitening
             .chunks_exact(self.dim)
@@ -463,7 +467,10 @@ mod tests {
             let mean = row.iter().sum::<f32>() / dim as f32;
             samples.extend(row.iter().map(|v| v - mean));
         }
-        for estimator in [CovarianceEstimator::default(), CovarianceEstimator::LedoitWolf] {
+        for estimator in [
+            CovarianceEstimator::default(),
+            CovarianceEstimator::LedoitWolf,
+        ] {
             let g = Gaussian::fit(&samples, n, dim, estimator).unwrap();
             let d = g.mahalanobis(&samples[..dim]);
             assert!(d.is_finite() && d > 0.0, "{estimator}: {d}");
@@ -473,7 +480,10 @@ mod tests {
     #[test]
     fn mean_has_zero_distance_and_batch_agrees() {
         let samples = flat(&FULL);
-        for estimator in [CovarianceEstimator::default(), CovarianceEstimator::LedoitWolf] {
+        for estimator in [
+            CovarianceEstimator::default(),
+            CovarianceEstimator::LedoitWolf,
+        ] {
             let g = Gaussian::fit(&samples, 7, 4, estimator).unwrap();
             let mean: Vec<f32> = g.mean().iter().map(|&m| m as f32).collect();
             assert!(g.mahalanobis(&mean) < 1e-6);
@@ -490,7 +500,10 @@ mod tests {
     fn whitening_inverts_the_covariance() {
         // W Σ Wᵀ = I, rank-deficient case included.
         for (samples, n, dim) in [(flat(&FULL), 7, 4), (flat(&SMALL), 3, 5)] {
-            for estimator in [CovarianceEstimator::default(), CovarianceEstimator::LedoitWolf] {
+            for estimator in [
+                CovarianceEstimator::default(),
+                CovarianceEstimator::LedoitWolf,
+            ] {
                 let cov = estimate(&samples, n, dim, estimator).covariance;
                 let g = Gaussian::fit(&samples, n, dim, estimator).unwrap();
                 let w = MatRef::row_major(g.whitening(), dim, dim);
@@ -500,7 +513,10 @@ mod tests {
                     for j in 0..dim {
                         let expected = if i == j { 1.0 } else { 0.0 };
                         let got = wswt[i * dim + j];
-                        assert!((got - expected).abs() < 1e-8, "{estimator} ({i},{j}): {got}");
+                        assert!(
+                            (got - expected).abs() < 1e-8,
+                            "{estimator} ({i},{j}): {got}"
+                        );
                     }
                 }
             }
@@ -523,9 +539,9 @@ mod tests {
             .zip(g.mean())
             .map(|(&v, m)| f64::from(v) - m)
             .collect();
-        for i in 0..4 {
+        for (i, &got) in row.iter().enumerate() {
             let expected: f64 = (0..=i).map(|j| g.whitening()[i * 4 + j] * x[j]).sum();
-            assert_close(row[i], expected, 1e-12);
+            assert_close(got, expected, 1e-12);
         }
     }
 
@@ -549,8 +565,13 @@ mod tests {
     #[test]
     fn singular_covariance_names_the_estimator() {
         // Two identical samples without a ridge: Σ = 0.
-        let err = Gaussian::fit(&[1.0, 2.0, 1.0, 2.0], 2, 2, CovarianceEstimator::Sample { ridge: 0.0 })
-            .unwrap_err();
+        let err = Gaussian::fit(
+            &[1.0, 2.0, 1.0, 2.0],
+            2,
+            2,
+            CovarianceEstimator::Sample { ridge: 0.0 },
+        )
+        .unwrap_err();
         assert!(matches!(
             err,
             StatsError::NotPositiveDefinite {
@@ -618,19 +639,55 @@ mod tests {
     #[test]
     fn estimator_config_spellings() {
         let parse = |s: &str| serde_json::from_str::<CovarianceEstimator>(s);
-        assert_eq!(parse("\"ledoit_wolf\"").unwrap(), CovarianceEstimator::LedoitWolf);
+        assert_eq!(
+            parse("\"ledoit_wolf\"").unwrap(),
+            CovarianceEstimator::LedoitWolf
+        );
         assert_eq!(parse("\"sample\"").unwrap(), CovarianceEstimator::default());
         assert_eq!(
             parse(r#"{"sample": {"ridge": 0.001}}"#).unwrap(),
             CovarianceEstimator::Sample { ridge: 0.001 }
         );
-        assert_eq!(parse(r#"{"sample": {}}"#).unwrap(), CovarianceEstimator::default());
+        assert_eq!(
+            parse(r#"{"sample": {}}"#).unwrap(),
+            CovarianceEstimator::default()
+        );
         assert!(parse(r#"{"sample": {"ridge": -1.0}}"#).is_err());
         assert!(parse("\"cholesky\"").is_err());
-        for e in [CovarianceEstimator::LedoitWolf, CovarianceEstimator::Sample { ridge: 0.5 }] {
+        for e in [
+            CovarianceEstimator::LedoitWolf,
+            CovarianceEstimator::Sample { ridge: 0.5 },
+        ] {
             let json = serde_json::to_string(&e).unwrap();
             assert_eq!(parse(&json).unwrap(), e, "{json}");
         }
         assert_eq!(CovarianceEstimator::default().name(), "sample");
+    }
+
+    /// Timing at the object / attribution branches' scale (571 images).
+    /// Run: `cargo test --release --lib timing_ -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn timing_ledoit_wolf_fit() {
+        for dim in [384, 768] {
+            let n = 571;
+            let mut rng = SplitMix64::new(1);
+            let samples: Vec<f32> = (0..n * dim).map(|_| rng.next_f64() as f32).collect();
+            for estimator in [
+                CovarianceEstimator::LedoitWolf,
+                CovarianceEstimator::default(),
+            ] {
+                let start = std::time::Instant::now();
+                let g = Gaussian::fit(&samples, n, dim, estimator).unwrap();
+                let elapsed = start.elapsed();
+                let start = std::time::Instant::now();
+                let d = g.mahalanobis_batch(&samples, n);
+                println!(
+                    "{estimator} fit on {n}x{dim}: {elapsed:.2?}; mahalanobis_batch of {n}: {:.2?}",
+                    start.elapsed()
+                );
+                assert!(d.iter().all(|v| v.is_finite()));
+            }
+        }
     }
 }

@@ -43,6 +43,11 @@ pub const SEGMENT_ROWS: usize = 4096;
 /// Rows per distance `gemm` inside a segment.
 const BLOCK_ROWS: usize = 256;
 
+/// Up to this many centres, distances are computed directly from the
+/// differences (one read of each sample, exact); beyond it, through the
+/// norm expansion and `gemm`, which is faster for many centres.
+const DIRECT_MAX_CENTRES: usize = 16;
+
 /// Hyperparameters of [`KMeans::fit`].
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -126,7 +131,12 @@ impl KMeans {
         for init in 0..params.n_init {
             let seeds = problem.seed_centres(&mut rng);
             let run = problem.lloyd(seeds, params.max_iter, shift_tolerance);
-            tracing::debug!(init, inertia = run.inertia, n_iter = run.n_iter, "k-means run");
+            tracing::debug!(
+                init,
+                inertia = run.inertia,
+                n_iter = run.n_iter,
+                "k-means run"
+            );
             if best.as_ref().is_none_or(|b| run.inertia < b.inertia) {
                 best = Some(run);
             }
@@ -136,7 +146,11 @@ impl KMeans {
     }
 
     /// Rebuild from stored centres (`k × dim`) and training counts (`k`).
-    pub fn from_parts(centres: Vec<f32>, counts: Vec<usize>, dim: usize) -> Result<Self, StatsError> {
+    pub fn from_parts(
+        centres: Vec<f32>,
+        counts: Vec<usize>,
+        dim: usize,
+    ) -> Result<Self, StatsError> {
         let k = counts.len();
         if k == 0 {
             return Err(StatsError::KMeansZeroClusters);
@@ -208,7 +222,13 @@ impl KMeans {
     fn nearest(&self, x: &[f32], n: usize) -> Vec<(usize, f32)> {
         assert_eq!(x.len(), n * self.dim, "samples are not n × dim");
         x.par_chunks(self.dim)
-            .map(|row| argmin(self.centres.chunks_exact(self.dim).map(|c| sq_euclidean(row, c))))
+            .map(|row| {
+                argmin(
+                    self.centres
+                        .chunks_exact(self.dim)
+                        .map(|c| sq_euclidean(row, c)),
+                )
+            })
             .collect()
     }
 }
@@ -247,51 +267,53 @@ impl Problem<'_> {
             .zip(self.norms.par_chunks(SEGMENT_ROWS))
     }
 
-    /// Mean over features of the per-feature variance, `Σ‖x − μ‖² / (n·dim)`.
+    /// Mean over features of the per-feature variance, from per-segment
+    /// sums and sums of squares (f64; only scales the tolerance).
     fn mean_feature_variance(&self) -> f64 {
         let dim = self.dim;
-        let partial_sums: Vec<Vec<f64>> = self
+        let parts: Vec<(Vec<f64>, f64)> = self
             .segments()
             .map(|(x, _)| {
-                let mut s = vec![0.0f64; dim];
+                let mut sums = vec![0.0f64; dim];
+                let mut sum_sq = 0.0f64;
                 for row in x.chunks_exact(dim) {
-                    s.iter_mut().zip(row).for_each(|(a, &v)| *a += f64::from(v));
+                    linalg::add_row_f64(&mut sums, row);
+                    sum_sq += f64::from(sq_norm(row));
                 }
-                s
+                (sums, sum_sq)
             })
             .collect();
-        let mut mean = vec![0.0f64; dim];
-        for s in &partial_sums {
-            mean.iter_mut().zip(s).for_each(|(m, v)| *m += v);
+        let mut sums = vec![0.0f64; dim];
+        let mut sum_sq = 0.0f64;
+        for (s, q) in &parts {
+            sums.iter_mut().zip(s).for_each(|(a, b)| *a += b);
+            sum_sq += q;
         }
-        mean.iter_mut().for_each(|m| *m /= self.n as f64);
-
-        let partial_sq: Vec<f64> = self
-            .segments()
-            .map(|(x, _)| {
-                x.chunks_exact(dim)
-                    .map(|row| {
-                        row.iter()
-                            .zip(&mean)
-                            .map(|(&v, m)| (f64::from(v) - m).powi(2))
-                            .sum::<f64>()
-                    })
-                    .sum()
-            })
-            .collect();
-        partial_sq.iter().sum::<f64>() / (self.n * dim) as f64
+        let n = self.n as f64;
+        let mean_sq: f64 = sums.iter().map(|s| (s / n).powi(2)).sum();
+        ((sum_sq / n - mean_sq) / dim as f64).max(0.0)
     }
 
     fn row(&self, i: usize) -> &[f32] {
         &self.data[i * self.dim..(i + 1) * self.dim]
     }
 
-    /// Squared distances (norm expansion) of every sample to each of
-    /// `points` (`m × dim`), as an `n × m` matrix.
+    /// Squared distances of every sample to each of `points` (`m × dim`),
+    /// as an `n × m` matrix.
     fn sq_distances_to(&self, points: &[f32]) -> Vec<f32> {
         let m = points.len() / self.dim;
-        let point_norms = row_sq_norms(points, m, self.dim);
         let mut out = vec![0.0f32; self.n * m];
+        if m <= DIRECT_MAX_CENTRES {
+            out.par_chunks_mut(m)
+                .zip(self.data.par_chunks(self.dim))
+                .for_each(|(out, x)| {
+                    for (o, p) in out.iter_mut().zip(points.chunks_exact(self.dim)) {
+                        *o = sq_euclidean(x, p);
+                    }
+                });
+            return out;
+        }
+        let point_norms = row_sq_norms(points, m, self.dim);
         out.par_chunks_mut(SEGMENT_ROWS * m)
             .zip(self.segments())
             .for_each(|(out, (x, xn))| {
@@ -330,7 +352,11 @@ impl Problem<'_> {
                     cumulative.partition_point(|&c| c < target).min(self.n - 1)
                 })
                 .collect();
-            let points: Vec<f32> = candidates.iter().flat_map(|&i| self.row(i)).copied().collect();
+            let points: Vec<f32> = candidates
+                .iter()
+                .flat_map(|&i| self.row(i))
+                .copied()
+                .collect();
             let dist = self.sq_distances_to(&points);
 
             let mut best: Option<(f64, usize)> = None;
@@ -357,9 +383,17 @@ impl Problem<'_> {
         let mut labels = vec![u32::MAX; self.n];
         let mut dists = vec![0.0f32; self.n];
         let mut n_iter = 0;
+        let mut last_counts = None;
         while n_iter < max_iter {
             n_iter += 1;
             let step = self.assign_step(&centres, &mut labels, &mut dists);
+            if step.changed == 0 && self.k <= DIRECT_MAX_CENTRES {
+                // Same labels as the previous step, so the centres are
+                // bitwise unchanged, and the labels and distances were
+                // computed exactly against them: they are final.
+                last_counts = Some(step.counts);
+                break;
+            }
             let mut new_centres = vec![0.0f32; k * dim];
             for c in 0..k {
                 if step.counts[c] == 0 {
@@ -388,6 +422,11 @@ impl Problem<'_> {
             inertia: 0.0,
             n_iter,
         };
+        if let Some(counts) = last_counts {
+            model.counts = counts;
+            model.inertia = ordered_sum(&dists);
+            return model;
+        }
         let nearest = model.nearest(self.data, self.n);
         for &(c, _) in &nearest {
             model.counts[c] += 1;
@@ -396,8 +435,8 @@ impl Problem<'_> {
         model
     }
 
-    /// Assign every sample to its nearest centre (norm expansion + gemm) and
-    /// sum the samples per cluster, in segment order.
+    /// Assign every sample to its nearest centre and sum the samples per
+    /// cluster, in segment order.
     fn assign_step(&self, centres: &[f32], labels: &mut [u32], dists: &mut [f32]) -> SegmentSums {
         let (k, dim) = (self.k, self.dim);
         let centre_norms: Vec<f32> = centres.chunks_exact(dim).map(sq_norm).collect();
@@ -411,6 +450,21 @@ impl Problem<'_> {
                     counts: vec![0; k],
                     changed: 0,
                 };
+                let mut record = |i: usize, row: &[f32], (c, dist): (usize, f32)| {
+                    part.changed += usize::from(labels[i] != c as u32);
+                    labels[i] = c as u32;
+                    dists[i] = dist;
+                    part.counts[c] += 1;
+                    linalg::add_row_f64(&mut part.sums[c * dim..(c + 1) * dim], row);
+                };
+                if k <= DIRECT_MAX_CENTRES {
+                    for (i, row) in x.chunks_exact(dim).enumerate() {
+                        let nearest =
+                            argmin(centres.chunks_exact(dim).map(|c| sq_euclidean(row, c)));
+                        record(i, row, nearest);
+                    }
+                    return part;
+                }
                 let mut block = vec![0.0f32; BLOCK_ROWS * k];
                 for (start, xn) in (0..xn.len()).step_by(BLOCK_ROWS).zip(xn.chunks(BLOCK_ROWS)) {
                     let rows = xn.len();
@@ -418,16 +472,11 @@ impl Problem<'_> {
                     let block = &mut block[..rows * k];
                     linalg::sq_distances_into(xb, xn, centres, &centre_norms, dim, block);
                     for (r, d) in block.chunks_exact(k).enumerate() {
-                        let (c, dist) = argmin(d.iter().copied());
-                        let i = start + r;
-                        part.changed += usize::from(labels[i] != c as u32);
-                        labels[i] = c as u32;
-                        dists[i] = dist;
-                        part.counts[c] += 1;
-                        let sum = &mut part.sums[c * dim..(c + 1) * dim];
-                        sum.iter_mut()
-                            .zip(&xb[r * dim..(r + 1) * dim])
-                            .for_each(|(s, &v)| *s += f64::from(v));
+                        record(
+                            start + r,
+                            &xb[r * dim..(r + 1) * dim],
+                            argmin(d.iter().copied()),
+                        );
                     }
                 }
                 part
@@ -440,8 +489,16 @@ impl Problem<'_> {
             changed: 0,
         };
         for part in parts {
-            total.sums.iter_mut().zip(&part.sums).for_each(|(a, b)| *a += b);
-            total.counts.iter_mut().zip(&part.counts).for_each(|(a, b)| *a += b);
+            total
+                .sums
+                .iter_mut()
+                .zip(&part.sums)
+                .for_each(|(a, b)| *a += b);
+            total
+                .counts
+                .iter_mut()
+                .zip(&part.counts)
+                .for_each(|(a, b)| *a += b);
             total.changed += part.changed;
         }
         total
@@ -480,7 +537,10 @@ mod tests {
         let mut data = Vec::new();
         for c in centres {
             for _ in 0..per_blob {
-                data.extend(c.iter().map(|&v| v + spread * (2.0 * rng.next_f64() as f32 - 1.0)));
+                data.extend(
+                    c.iter()
+                        .map(|&v| v + spread * (2.0 * rng.next_f64() as f32 - 1.0)),
+                );
             }
         }
         data
@@ -488,7 +548,11 @@ mod tests {
 
     fn three_blob_centres(dim: usize) -> Vec<Vec<f32>> {
         (0..3)
-            .map(|b| (0..dim).map(|j| if j % 3 == b { 10.0 } else { -5.0 }).collect())
+            .map(|b| {
+                (0..dim)
+                    .map(|j| if j % 3 == b { 10.0 } else { -5.0 })
+                    .collect()
+            })
             .collect()
     }
 
@@ -512,7 +576,9 @@ mod tests {
         assert_eq!(km.counts(), &[per_blob; 3]);
         // Each true centre is close to exactly one fitted centre.
         for c in &centres {
-            let close = (0..3).filter(|&j| sq_euclidean(c, km.centre(j)) < 0.5).count();
+            let close = (0..3)
+                .filter(|&j| sq_euclidean(c, km.centre(j)) < 0.5)
+                .count();
             assert_eq!(close, 1);
         }
         // Labels are constant on each blob.
@@ -521,7 +587,12 @@ mod tests {
             assert!(blob.iter().all(|&l| l == blob[0]));
         }
         let inertia: f64 = (0..n)
-            .map(|i| f64::from(sq_euclidean(&data[i * dim..(i + 1) * dim], km.centre(labels[i]))))
+            .map(|i| {
+                f64::from(sq_euclidean(
+                    &data[i * dim..(i + 1) * dim],
+                    km.centre(labels[i]),
+                ))
+            })
             .sum();
         assert!((km.inertia() - inertia).abs() < 1e-9 * inertia);
     }
@@ -560,7 +631,10 @@ mod tests {
             ..params(4, 3)
         };
         let run = |threads: usize| {
-            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
             pool.install(|| KMeans::fit(data, n, dim, &p).unwrap())
         };
         let one = run(1);
@@ -569,6 +643,37 @@ mod tests {
         assert_eq!(one, two);
         assert_eq!(one, three);
         assert_eq!(one.counts().iter().sum::<usize>(), n);
+
+        // Many centres take the gemm path.
+        let many = KMeansParams {
+            k: DIRECT_MAX_CENTRES + 4,
+            n_init: 1,
+            ..params(0, 3)
+        };
+        let run = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| KMeans::fit(data, n, dim, &many).unwrap())
+        };
+        assert_eq!(run(1), run(2));
+    }
+
+    #[test]
+    fn many_clusters_are_recovered_through_the_gemm_path() {
+        let (dim, per_blob, k) = (8, 40, DIRECT_MAX_CENTRES + 4);
+        let mut rng = SplitMix64::new(12);
+        let centres: Vec<Vec<f32>> = (0..k)
+            .map(|_| (0..dim).map(|_| 100.0 * rng.next_f64() as f32).collect())
+            .collect();
+        let data = blobs(&centres, per_blob, 0.5, 13);
+        let km = KMeans::fit(&data, k * per_blob, dim, &params(k, 4)).unwrap();
+        assert_eq!(km.counts(), &vec![per_blob; k][..]);
+        let labels = km.assign(&data, k * per_blob);
+        for blob in labels.chunks(per_blob) {
+            assert!(blob.iter().all(|&l| l == blob[0]));
+        }
     }
 
     #[test]
@@ -621,7 +726,10 @@ mod tests {
             n_init: 0,
             ..KMeansParams::default()
         };
-        assert_eq!(KMeans::fit(&[0.0; 4], 2, 2, &p), Err(StatsError::KMeansZeroInits));
+        assert_eq!(
+            KMeans::fit(&[0.0; 4], 2, 2, &p),
+            Err(StatsError::KMeansZeroInits)
+        );
     }
 
     #[test]
@@ -630,7 +738,10 @@ mod tests {
             max_iter: 0,
             ..KMeansParams::default()
         };
-        assert_eq!(KMeans::fit(&[0.0; 4], 2, 2, &p), Err(StatsError::KMeansZeroIterations));
+        assert_eq!(
+            KMeans::fit(&[0.0; 4], 2, 2, &p),
+            Err(StatsError::KMeansZeroIterations)
+        );
     }
 
     #[test]
@@ -640,7 +751,10 @@ mod tests {
                 tolerance,
                 ..KMeansParams::default()
             };
-            assert!(matches!(p.validate(), Err(StatsError::KMeansInvalidTolerance(_))));
+            assert!(matches!(
+                p.validate(),
+                Err(StatsError::KMeansInvalidTolerance(_))
+            ));
         }
     }
 
@@ -648,7 +762,11 @@ mod tests {
     fn rejects_bad_data() {
         assert_eq!(
             KMeans::fit(&[0.0; 5], 2, 2, &params(1, 0)),
-            Err(StatsError::ShapeMismatch { len: 5, n: 2, dim: 2 })
+            Err(StatsError::ShapeMismatch {
+                len: 5,
+                n: 2,
+                dim: 2
+            })
         );
         assert_eq!(
             KMeans::fit(&[0.0, f32::NAN], 1, 2, &params(1, 0)),
@@ -662,14 +780,25 @@ mod tests {
         assert_eq!(km.assign(&[1.0, 1.0, 9.0, 8.0, 5.0, 5.0], 3), vec![0, 1, 0]);
         assert_eq!(
             KMeans::from_parts(vec![0.0; 3], vec![1, 1], 2),
-            Err(StatsError::ShapeMismatch { len: 3, n: 2, dim: 2 })
+            Err(StatsError::ShapeMismatch {
+                len: 3,
+                n: 2,
+                dim: 2
+            })
         );
     }
 
     #[test]
     fn params_deserialise_with_defaults() {
         let p: KMeansParams = serde_json::from_str(r#"{"k": 3, "seed": 5}"#).unwrap();
-        assert_eq!(p, KMeansParams { k: 3, seed: 5, ..KMeansParams::default() });
+        assert_eq!(
+            p,
+            KMeansParams {
+                k: 3,
+                seed: 5,
+                ..KMeansParams::default()
+            }
+        );
         assert!(serde_json::from_str::<KMeansParams>(r#"{"clusters": 3}"#).is_err());
     }
 

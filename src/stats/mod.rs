@@ -112,7 +112,11 @@ mod tests {
         assert_eq!(check_samples(&[], 0, 0, 1), Err(StatsError::ZeroDimension));
         assert_eq!(
             check_samples(&[1.0; 5], 2, 3, 1),
-            Err(StatsError::ShapeMismatch { len: 5, n: 2, dim: 3 })
+            Err(StatsError::ShapeMismatch {
+                len: 5,
+                n: 2,
+                dim: 3
+            })
         );
         assert_eq!(
             check_samples(&[1.0; 3], 1, 3, 2),

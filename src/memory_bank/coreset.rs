@@ -70,6 +70,7 @@ pub fn greedy_coreset(
 pub fn k_center_greedy(points: &[f32], n: usize, dim: usize, n_select: usize) -> Vec<usize> {
     assert_eq!(points.len(), n * dim, "points are not n × dim");
     assert!(n_select <= n, "cannot select {n_select} of {n} points");
+    assert!(dim > 0, "points need at least one dimension");
     if n_select == 0 {
         return Vec::new();
     }
@@ -79,7 +80,7 @@ pub fn k_center_greedy(points: &[f32], n: usize, dim: usize, n_select: usize) ->
     // Squared distance of every point to its nearest selected point, and
     // which selected point (position in `selected`) that is.
     let mut min_sq: Vec<f32> = points
-        .par_chunks(dim.max(1))
+        .par_chunks(dim)
         .map(|x| sq_euclidean(x, row(0)))
         .collect();
     let mut owner = vec![0u32; n];
@@ -104,7 +105,7 @@ pub fn k_center_greedy(points: &[f32], n: usize, dim: usize, n_select: usize) ->
             .map(|(chunk, (min_sq, owner))| {
                 let base = chunk * REFRESH_CHUNK;
                 for (offset, (m, o)) in min_sq.iter_mut().zip(owner.iter_mut()).enumerate() {
-                    // Selected points carry −∞ and fail the test below.
+                    // Selected points carry −∞, so they are always skipped.
                     if centre_sq[*o as usize] > 4.0 * *m * margin {
                         continue;
                     }

@@ -664,6 +664,24 @@ mod tests {
         assert_eq!(CovarianceEstimator::default().name(), "sample");
     }
 
+    #[test]
+    fn estimator_reads_from_toml() {
+        #[derive(Deserialize)]
+        struct Config {
+            covariance: CovarianceEstimator,
+        }
+        let parse = |s: &str| toml::from_str::<Config>(s).map(|c| c.covariance);
+        assert_eq!(
+            parse("covariance = \"ledoit_wolf\"").unwrap(),
+            CovarianceEstimator::LedoitWolf
+        );
+        assert_eq!(
+            parse("covariance = { sample = { ridge = 1e-4 } }").unwrap(),
+            CovarianceEstimator::Sample { ridge: 1e-4 }
+        );
+        assert!(parse("covariance = \"shrunk\"").is_err());
+    }
+
     /// Timing at the object / attribution branches' scale (571 images).
     /// Run: `cargo test --release --lib timing_ -- --ignored --nocapture`.
     #[test]

@@ -13,6 +13,12 @@
 //!   `tolerance × mean per-feature variance` (scikit-learn's rule), or
 //!   `max_iter` iterations.
 //! - An empty cluster is moved to the point farthest from its centre.
+//! - Assignment: up to [`DIRECT_MAX_CENTRES`] centres (the product's k = 2),
+//!   distances are summed directly over the differences, one streaming read
+//!   of the data per step and no cancellation; with more centres, blocks of
+//!   samples go through the norm expansion and one `gemm` each.
+//!   [`KMeans::assign`], the training counts and the inertia always use the
+//!   direct distances.
 //!
 //! Determinism: rows are cut into segments of [`SEGMENT_ROWS`]; each rayon
 //! task handles whole segments and returns its partial sums, which are added
@@ -46,7 +52,7 @@ const BLOCK_ROWS: usize = 256;
 /// Up to this many centres, distances are computed directly from the
 /// differences (one read of each sample, exact); beyond it, through the
 /// norm expansion and `gemm`, which is faster for many centres.
-const DIRECT_MAX_CENTRES: usize = 16;
+pub const DIRECT_MAX_CENTRES: usize = 16;
 
 /// Hyperparameters of [`KMeans::fit`].
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -376,8 +382,8 @@ impl Problem<'_> {
         centres
     }
 
-    /// Lloyd iterations from `centres`; returns the converged model with
-    /// counts and inertia from a final exact assignment.
+    /// Lloyd iterations from `centres`; returns the model with counts and
+    /// inertia from an assignment by exact distances to its final centres.
     fn lloyd(&self, mut centres: Vec<f32>, max_iter: usize, shift_tolerance: f64) -> KMeans {
         let (k, dim) = (self.k, self.dim);
         let mut labels = vec![u32::MAX; self.n];
@@ -800,6 +806,8 @@ mod tests {
             }
         );
         assert!(serde_json::from_str::<KMeansParams>(r#"{"clusters": 3}"#).is_err());
+        let p: KMeansParams = toml::from_str("k = 2\nn_init = 4").unwrap();
+        assert_eq!(p.n_init, 4);
     }
 
     /// Timing at the object branch's scale (570 images × 25×25 patches × 384).

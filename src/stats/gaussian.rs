@@ -707,5 +707,33 @@ mod tests {
                 assert!(d.iter().all(|v| v.is_finite()));
             }
         }
+
+        // K = 200 < D = 768 tokens on a hyperplane: both estimators stay
+        // positive definite in f64 and whiten the covariance to I.
+        let (n, dim) = (200, 768);
+        let mut rng = SplitMix64::new(2);
+        let mut samples = Vec::with_capacity(n * dim);
+        for _ in 0..n {
+            let row: Vec<f32> = (0..dim).map(|_| 4.0 * rng.next_f64() as f32 - 2.0).collect();
+            let mean = row.iter().sum::<f32>() / dim as f32;
+            samples.extend(row.iter().map(|v| v - mean));
+        }
+        for estimator in [CovarianceEstimator::LedoitWolf, CovarianceEstimator::default()] {
+            let cov = estimate(&samples, n, dim, estimator).covariance;
+            let g = Gaussian::fit(&samples, n, dim, estimator).unwrap();
+            let w = MatRef::row_major(g.whitening(), dim, dim);
+            let ws = linalg::par_matmul(w, MatRef::row_major(&cov, dim, dim));
+            let wswt = linalg::par_matmul(MatRef::row_major(&ws, dim, dim), w.t());
+            let worst = (0..dim * dim)
+                .map(|i| (wswt[i] - if i % (dim + 1) == 0 { 1.0 } else { 0.0 }).abs())
+                .fold(0.0f64, f64::max);
+            println!(
+                "{estimator} on {n}x{dim} hyperplane samples: max |W S Wt - I| = {worst:.2e}, \
+                 shrinkage {:?}, d(sample 0) = {:.3}",
+                g.shrinkage(),
+                g.mahalanobis(&samples[..dim])
+            );
+            assert!(worst < 1e-6);
+        }
     }
 }

@@ -510,4 +510,26 @@ mod tests {
             Err(BankError::Empty)
         );
     }
+
+    /// Timing of one test image's search (900 patches) against banks of the
+    /// texture branch's size. Run:
+    /// `cargo test --release --lib timing_ -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn timing_nearest_900_queries() {
+        for (n, dim) in [(2_565, 128), (9_000, 1536)] {
+            let bank = MemoryBank::new(uniform(n, dim, 1, 1.0, 0.0), n, dim).unwrap();
+            let queries = uniform(900, dim, 2, 1.0, 0.0);
+            let start = std::time::Instant::now();
+            let got = bank.nearest(&queries, 900).unwrap();
+            let first = start.elapsed();
+            let start = std::time::Instant::now();
+            let _ = bank.nearest(&queries, 900).unwrap();
+            println!(
+                "nearest of 900 against {n}x{dim}: {first:.2?} (again: {:.2?})",
+                start.elapsed()
+            );
+            assert_eq!(got.len(), 900);
+        }
+    }
 }

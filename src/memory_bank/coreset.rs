@@ -70,6 +70,7 @@ pub fn greedy_coreset(
 pub fn k_center_greedy(points: &[f32], n: usize, dim: usize, n_select: usize) -> Vec<usize> {
     assert_eq!(points.len(), n * dim, "points are not n × dim");
     assert!(n_select <= n, "cannot select {n_select} of {n} points");
+    assert!(dim > 0, "points need at least one dimension");
     if n_select == 0 {
         return Vec::new();
     }
@@ -79,7 +80,7 @@ pub fn k_center_greedy(points: &[f32], n: usize, dim: usize, n_select: usize) ->
     // Squared distance of every point to its nearest selected point, and
     // which selected point (position in `selected`) that is.
     let mut min_sq: Vec<f32> = points
-        .par_chunks(dim.max(1))
+        .par_chunks(dim)
         .map(|x| sq_euclidean(x, row(0)))
         .collect();
     let mut owner = vec![0u32; n];
@@ -104,7 +105,7 @@ pub fn k_center_greedy(points: &[f32], n: usize, dim: usize, n_select: usize) ->
             .map(|(chunk, (min_sq, owner))| {
                 let base = chunk * REFRESH_CHUNK;
                 for (offset, (m, o)) in min_sq.iter_mut().zip(owner.iter_mut()).enumerate() {
-                    // Selected points carry −∞ and fail the test below.
+                    // Selected points carry −∞, so they are always skipped.
                     if centre_sq[*o as usize] > 4.0 * *m * margin {
                         continue;
                     }
@@ -180,8 +181,8 @@ mod tests {
         while selected.len() < n_select {
             let s = argmax_with_value(&min_sq).1;
             selected.push(s);
-            for i in 0..n {
-                min_sq[i] = min_sq[i].min(sq_euclidean(row(i), row(s)));
+            for (i, m) in min_sq.iter_mut().enumerate() {
+                *m = m.min(sq_euclidean(row(i), row(s)));
             }
             min_sq[s] = SELECTED;
         }
@@ -294,5 +295,55 @@ mod tests {
             greedy_coreset(&data, 5, 2, 3, 0.9, 0),
             Err(BankError::ShapeMismatch { .. })
         ));
+    }
+
+    /// `n × dim` points around `clusters` random centres (a crude stand-in
+    /// for patch features, which are far from uniform).
+    fn clustered(n: usize, dim: usize, clusters: usize, seed: u64) -> Vec<f32> {
+        let centres = uniform(clusters, dim, seed);
+        let mut rng = SplitMix64::new(seed + 1);
+        (0..n)
+            .flat_map(|_| {
+                let c = rng.below(clusters);
+                let noise: Vec<f32> = (0..dim).map(|_| 0.3 * rng.next_f64() as f32).collect();
+                centres[c * dim..(c + 1) * dim]
+                    .iter()
+                    .zip(noise)
+                    .map(|(a, b)| 4.0 * a + b)
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    /// Timing at the texture branch's scale: 1% coresets.
+    /// Run: `cargo test --release --lib timing_ -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn timing_greedy_coreset_one_percent() {
+        for (n, dim) in [(256_500, 128), (100_000, 1536)] {
+            for (name, data) in [
+                ("uniform", uniform(n, dim, 1)),
+                ("clustered", clustered(n, dim, 200, 2)),
+            ] {
+                let target = jl_min_dim(n, 0.9);
+                if target < dim {
+                    let start = std::time::Instant::now();
+                    let p = SparseRandomProjection::new(dim, target, 0).unwrap();
+                    let _ = p.project(&data, n);
+                    println!(
+                        "  projection {dim} -> {target} of {n} rows: {:.2?}",
+                        start.elapsed()
+                    );
+                }
+                let start = std::time::Instant::now();
+                let picked = greedy_coreset(&data, n, dim, n / 100, 0.9, 0).unwrap();
+                println!(
+                    "coreset of {} from {n}x{dim} ({name}, JL dim {}): {:.2?}",
+                    picked.len(),
+                    jl_min_dim(n, 0.9),
+                    start.elapsed()
+                );
+            }
+        }
     }
 }

@@ -539,9 +539,9 @@ mod tests {
             .zip(g.mean())
             .map(|(&v, m)| f64::from(v) - m)
             .collect();
-        for i in 0..4 {
+        for (i, &got) in row.iter().enumerate() {
             let expected: f64 = (0..=i).map(|j| g.whitening()[i * 4 + j] * x[j]).sum();
-            assert_close(row[i], expected, 1e-12);
+            assert_close(got, expected, 1e-12);
         }
     }
 
@@ -662,5 +662,83 @@ mod tests {
             assert_eq!(parse(&json).unwrap(), e, "{json}");
         }
         assert_eq!(CovarianceEstimator::default().name(), "sample");
+    }
+
+    #[test]
+    fn estimator_reads_from_toml() {
+        #[derive(Deserialize)]
+        struct Config {
+            covariance: CovarianceEstimator,
+        }
+        let parse = |s: &str| toml::from_str::<Config>(s).map(|c| c.covariance);
+        assert_eq!(
+            parse("covariance = \"ledoit_wolf\"").unwrap(),
+            CovarianceEstimator::LedoitWolf
+        );
+        assert_eq!(
+            parse("covariance = { sample = { ridge = 1e-4 } }").unwrap(),
+            CovarianceEstimator::Sample { ridge: 1e-4 }
+        );
+        assert!(parse("covariance = \"shrunk\"").is_err());
+    }
+
+    /// Timing at the object / attribution branches' scale (571 images).
+    /// Run: `cargo test --release --lib timing_ -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn timing_ledoit_wolf_fit() {
+        for dim in [384, 768] {
+            let n = 571;
+            let mut rng = SplitMix64::new(1);
+            let samples: Vec<f32> = (0..n * dim).map(|_| rng.next_f64() as f32).collect();
+            for estimator in [
+                CovarianceEstimator::LedoitWolf,
+                CovarianceEstimator::default(),
+            ] {
+                let start = std::time::Instant::now();
+                let g = Gaussian::fit(&samples, n, dim, estimator).unwrap();
+                let elapsed = start.elapsed();
+                let start = std::time::Instant::now();
+                let d = g.mahalanobis_batch(&samples, n);
+                println!(
+                    "{estimator} fit on {n}x{dim}: {elapsed:.2?}; mahalanobis_batch of {n}: {:.2?}",
+                    start.elapsed()
+                );
+                assert!(d.iter().all(|v| v.is_finite()));
+            }
+        }
+
+        // K = 200 < D = 768 tokens on a hyperplane: both estimators stay
+        // positive definite in f64 and whiten the covariance to I.
+        let (n, dim) = (200, 768);
+        let mut rng = SplitMix64::new(2);
+        let mut samples = Vec::with_capacity(n * dim);
+        for _ in 0..n {
+            let row: Vec<f32> = (0..dim)
+                .map(|_| 4.0 * rng.next_f64() as f32 - 2.0)
+                .collect();
+            let mean = row.iter().sum::<f32>() / dim as f32;
+            samples.extend(row.iter().map(|v| v - mean));
+        }
+        for estimator in [
+            CovarianceEstimator::LedoitWolf,
+            CovarianceEstimator::default(),
+        ] {
+            let cov = estimate(&samples, n, dim, estimator).covariance;
+            let g = Gaussian::fit(&samples, n, dim, estimator).unwrap();
+            let w = MatRef::row_major(g.whitening(), dim, dim);
+            let ws = linalg::par_matmul(w, MatRef::row_major(&cov, dim, dim));
+            let wswt = linalg::par_matmul(MatRef::row_major(&ws, dim, dim), w.t());
+            let worst = (0..dim * dim)
+                .map(|i| (wswt[i] - if i % (dim + 1) == 0 { 1.0 } else { 0.0 }).abs())
+                .fold(0.0f64, f64::max);
+            println!(
+                "{estimator} on {n}x{dim} hyperplane samples: max |W S Wt - I| = {worst:.2e}, \
+                 shrinkage {:?}, d(sample 0) = {:.3}",
+                g.shrinkage(),
+                g.mahalanobis(&samples[..dim])
+            );
+            assert!(worst < 1e-6);
+        }
     }
 }

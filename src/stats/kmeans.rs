@@ -13,6 +13,12 @@
 //!   `tolerance × mean per-feature variance` (scikit-learn's rule), or
 //!   `max_iter` iterations.
 //! - An empty cluster is moved to the point farthest from its centre.
+//! - Assignment: up to [`DIRECT_MAX_CENTRES`] centres (the product's k = 2),
+//!   distances are summed directly over the differences, one streaming read
+//!   of the data per step and no cancellation; with more centres, blocks of
+//!   samples go through the norm expansion and one `gemm` each.
+//!   [`KMeans::assign`], the training counts and the inertia always use the
+//!   direct distances.
 //!
 //! Determinism: rows are cut into segments of [`SEGMENT_ROWS`]; each rayon
 //! task handles whole segments and returns its partial sums, which are added
@@ -42,6 +48,11 @@ pub const SEGMENT_ROWS: usize = 4096;
 
 /// Rows per distance `gemm` inside a segment.
 const BLOCK_ROWS: usize = 256;
+
+/// Up to this many centres, distances are computed directly from the
+/// differences (one read of each sample, exact); beyond it, through the
+/// norm expansion and `gemm`, which is faster for many centres.
+pub const DIRECT_MAX_CENTRES: usize = 16;
 
 /// Hyperparameters of [`KMeans::fit`].
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -262,51 +273,53 @@ impl Problem<'_> {
             .zip(self.norms.par_chunks(SEGMENT_ROWS))
     }
 
-    /// Mean over features of the per-feature variance, `Σ‖x − μ‖² / (n·dim)`.
+    /// Mean over features of the per-feature variance, from per-segment
+    /// sums and sums of squares (f64; only scales the tolerance).
     fn mean_feature_variance(&self) -> f64 {
         let dim = self.dim;
-        let partial_sums: Vec<Vec<f64>> = self
+        let parts: Vec<(Vec<f64>, f64)> = self
             .segments()
             .map(|(x, _)| {
-                let mut s = vec![0.0f64; dim];
+                let mut sums = vec![0.0f64; dim];
+                let mut sum_sq = 0.0f64;
                 for row in x.chunks_exact(dim) {
-                    s.iter_mut().zip(row).for_each(|(a, &v)| *a += f64::from(v));
+                    linalg::add_row_f64(&mut sums, row);
+                    sum_sq += f64::from(sq_norm(row));
                 }
-                s
+                (sums, sum_sq)
             })
             .collect();
-        let mut mean = vec![0.0f64; dim];
-        for s in &partial_sums {
-            mean.iter_mut().zip(s).for_each(|(m, v)| *m += v);
+        let mut sums = vec![0.0f64; dim];
+        let mut sum_sq = 0.0f64;
+        for (s, q) in &parts {
+            sums.iter_mut().zip(s).for_each(|(a, b)| *a += b);
+            sum_sq += q;
         }
-        mean.iter_mut().for_each(|m| *m /= self.n as f64);
-
-        let partial_sq: Vec<f64> = self
-            .segments()
-            .map(|(x, _)| {
-                x.chunks_exact(dim)
-                    .map(|row| {
-                        row.iter()
-                            .zip(&mean)
-                            .map(|(&v, m)| (f64::from(v) - m).powi(2))
-                            .sum::<f64>()
-                    })
-                    .sum()
-            })
-            .collect();
-        partial_sq.iter().sum::<f64>() / (self.n * dim) as f64
+        let n = self.n as f64;
+        let mean_sq: f64 = sums.iter().map(|s| (s / n).powi(2)).sum();
+        ((sum_sq / n - mean_sq) / dim as f64).max(0.0)
     }
 
     fn row(&self, i: usize) -> &[f32] {
         &self.data[i * self.dim..(i + 1) * self.dim]
     }
 
-    /// Squared distances (norm expansion) of every sample to each of
-    /// `points` (`m × dim`), as an `n × m` matrix.
+    /// Squared distances of every sample to each of `points` (`m × dim`),
+    /// as an `n × m` matrix.
     fn sq_distances_to(&self, points: &[f32]) -> Vec<f32> {
         let m = points.len() / self.dim;
-        let point_norms = row_sq_norms(points, m, self.dim);
         let mut out = vec![0.0f32; self.n * m];
+        if m <= DIRECT_MAX_CENTRES {
+            out.par_chunks_mut(m)
+                .zip(self.data.par_chunks(self.dim))
+                .for_each(|(out, x)| {
+                    for (o, p) in out.iter_mut().zip(points.chunks_exact(self.dim)) {
+                        *o = sq_euclidean(x, p);
+                    }
+                });
+            return out;
+        }
+        let point_norms = row_sq_norms(points, m, self.dim);
         out.par_chunks_mut(SEGMENT_ROWS * m)
             .zip(self.segments())
             .for_each(|(out, (x, xn))| {
@@ -369,16 +382,24 @@ impl Problem<'_> {
         centres
     }
 
-    /// Lloyd iterations from `centres`; returns the converged model with
-    /// counts and inertia from a final exact assignment.
+    /// Lloyd iterations from `centres`; returns the model with counts and
+    /// inertia from an assignment by exact distances to its final centres.
     fn lloyd(&self, mut centres: Vec<f32>, max_iter: usize, shift_tolerance: f64) -> KMeans {
         let (k, dim) = (self.k, self.dim);
         let mut labels = vec![u32::MAX; self.n];
         let mut dists = vec![0.0f32; self.n];
         let mut n_iter = 0;
+        let mut last_counts = None;
         while n_iter < max_iter {
             n_iter += 1;
             let step = self.assign_step(&centres, &mut labels, &mut dists);
+            if step.changed == 0 && self.k <= DIRECT_MAX_CENTRES {
+                // Same labels as the previous step, so the centres are
+                // bitwise unchanged, and the labels and distances were
+                // computed exactly against them: they are final.
+                last_counts = Some(step.counts);
+                break;
+            }
             let mut new_centres = vec![0.0f32; k * dim];
             for c in 0..k {
                 if step.counts[c] == 0 {
@@ -407,6 +428,11 @@ impl Problem<'_> {
             inertia: 0.0,
             n_iter,
         };
+        if let Some(counts) = last_counts {
+            model.counts = counts;
+            model.inertia = ordered_sum(&dists);
+            return model;
+        }
         let nearest = model.nearest(self.data, self.n);
         for &(c, _) in &nearest {
             model.counts[c] += 1;
@@ -415,8 +441,8 @@ impl Problem<'_> {
         model
     }
 
-    /// Assign every sample to its nearest centre (norm expansion + gemm) and
-    /// sum the samples per cluster, in segment order.
+    /// Assign every sample to its nearest centre and sum the samples per
+    /// cluster, in segment order.
     fn assign_step(&self, centres: &[f32], labels: &mut [u32], dists: &mut [f32]) -> SegmentSums {
         let (k, dim) = (self.k, self.dim);
         let centre_norms: Vec<f32> = centres.chunks_exact(dim).map(sq_norm).collect();
@@ -430,6 +456,21 @@ impl Problem<'_> {
                     counts: vec![0; k],
                     changed: 0,
                 };
+                let mut record = |i: usize, row: &[f32], (c, dist): (usize, f32)| {
+                    part.changed += usize::from(labels[i] != c as u32);
+                    labels[i] = c as u32;
+                    dists[i] = dist;
+                    part.counts[c] += 1;
+                    linalg::add_row_f64(&mut part.sums[c * dim..(c + 1) * dim], row);
+                };
+                if k <= DIRECT_MAX_CENTRES {
+                    for (i, row) in x.chunks_exact(dim).enumerate() {
+                        let nearest =
+                            argmin(centres.chunks_exact(dim).map(|c| sq_euclidean(row, c)));
+                        record(i, row, nearest);
+                    }
+                    return part;
+                }
                 let mut block = vec![0.0f32; BLOCK_ROWS * k];
                 for (start, xn) in (0..xn.len()).step_by(BLOCK_ROWS).zip(xn.chunks(BLOCK_ROWS)) {
                     let rows = xn.len();
@@ -437,16 +478,11 @@ impl Problem<'_> {
                     let block = &mut block[..rows * k];
                     linalg::sq_distances_into(xb, xn, centres, &centre_norms, dim, block);
                     for (r, d) in block.chunks_exact(k).enumerate() {
-                        let (c, dist) = argmin(d.iter().copied());
-                        let i = start + r;
-                        part.changed += usize::from(labels[i] != c as u32);
-                        labels[i] = c as u32;
-                        dists[i] = dist;
-                        part.counts[c] += 1;
-                        let sum = &mut part.sums[c * dim..(c + 1) * dim];
-                        sum.iter_mut()
-                            .zip(&xb[r * dim..(r + 1) * dim])
-                            .for_each(|(s, &v)| *s += f64::from(v));
+                        record(
+                            start + r,
+                            &xb[r * dim..(r + 1) * dim],
+                            argmin(d.iter().copied()),
+                        );
                     }
                 }
                 part
@@ -613,6 +649,37 @@ mod tests {
         assert_eq!(one, two);
         assert_eq!(one, three);
         assert_eq!(one.counts().iter().sum::<usize>(), n);
+
+        // Many centres take the gemm path.
+        let many = KMeansParams {
+            k: DIRECT_MAX_CENTRES + 4,
+            n_init: 1,
+            ..params(0, 3)
+        };
+        let run = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| KMeans::fit(data, n, dim, &many).unwrap())
+        };
+        assert_eq!(run(1), run(2));
+    }
+
+    #[test]
+    fn many_clusters_are_recovered_through_the_gemm_path() {
+        let (dim, per_blob, k) = (8, 40, DIRECT_MAX_CENTRES + 4);
+        let mut rng = SplitMix64::new(12);
+        let centres: Vec<Vec<f32>> = (0..k)
+            .map(|_| (0..dim).map(|_| 100.0 * rng.next_f64() as f32).collect())
+            .collect();
+        let data = blobs(&centres, per_blob, 0.5, 13);
+        let km = KMeans::fit(&data, k * per_blob, dim, &params(k, 4)).unwrap();
+        assert_eq!(km.counts(), &vec![per_blob; k][..]);
+        let labels = km.assign(&data, k * per_blob);
+        for blob in labels.chunks(per_blob) {
+            assert!(blob.iter().all(|&l| l == blob[0]));
+        }
     }
 
     #[test]
@@ -739,6 +806,8 @@ mod tests {
             }
         );
         assert!(serde_json::from_str::<KMeansParams>(r#"{"clusters": 3}"#).is_err());
+        let p: KMeansParams = toml::from_str("k = 2\nn_init = 4").unwrap();
+        assert_eq!(p.n_init, 4);
     }
 
     /// Timing at the object branch's scale (570 images × 25×25 patches × 384).

@@ -255,7 +255,7 @@ impl Config {
             let sample = CovarianceEstimator::Sample {
                 ridge: crate::stats::gaussian::DEFAULT_RIDGE,
             };
-            config.object.covariance = sample.clone();
+            config.object.covariance = sample;
             config.attribution.covariance = sample;
         }
         config
@@ -358,7 +358,7 @@ impl Config {
                 return Err(ConfigError::Lambda { field, value });
             }
         }
-        if self.fusion.final_kernel % 2 == 0 || self.fusion.final_kernel > MAX_KERNEL {
+        if self.fusion.final_kernel.is_multiple_of(2) || self.fusion.final_kernel > MAX_KERNEL {
             return Err(ConfigError::FinalKernel(self.fusion.final_kernel));
         }
         if !(MIN_CNN_INPUT..=MAX_INPUT_SIZE).contains(&self.fusion.eval_size) {
@@ -399,7 +399,7 @@ fn check_vit(branch: &'static str, kind: BackboneKind, size: usize) -> Result<()
             want: "a DINOv2 ViT",
         });
     }
-    if size == 0 || size % VIT_PATCH != 0 || size > MAX_INPUT_SIZE {
+    if size == 0 || !size.is_multiple_of(VIT_PATCH) || size > MAX_INPUT_SIZE {
         return Err(ConfigError::VitSize { branch, size });
     }
     Ok(())

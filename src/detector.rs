@@ -125,20 +125,9 @@ impl Detector {
     pub fn score(&self, features: &ImageFeatures) -> Result<ImageVerdict, BranchError> {
         let eval = self.config.fusion.eval_size;
         let branches = BranchOutputs {
-            object: self.object.score(
-                &features.object_cls,
-                &features.object_patches,
-                features.object_grid,
-                eval,
-            ),
-            attribution: self.attribution.score(
-                &features.attribution_patches,
-                features.attribution_grid,
-                eval,
-            ),
-            texture: self
-                .texture
-                .score(&features.texture_patches, features.texture_grid, eval)?,
+            object: self.object.score(&features.object, eval),
+            attribution: self.attribution.score(&features.attribution, eval),
+            texture: self.texture.score(&features.texture, eval)?,
         };
         let fused = fuse(&branches, BranchSet::ALL, &self.config.fusion);
         let anomalous = self.calibration.threshold.map(|t| fused.score > t);

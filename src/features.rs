@@ -56,31 +56,36 @@ pub struct Dims {
     pub texture: usize,
 }
 
-/// One image's features for every branch.
-#[derive(Debug, Clone)]
-pub struct ImageFeatures {
-    pub object_cls: Vec<f32>,
-    pub object_patches: Vec<f32>,
-    pub object_grid: (usize, usize),
-    pub attribution_patches: Vec<f32>,
-    pub attribution_grid: (usize, usize),
-    pub texture_patches: Vec<f32>,
-    pub texture_grid: (usize, usize),
+/// Tokens of one image from one backbone: an optional global token `(D,)`
+/// (the ViT's CLS; empty for a CNN) and patch features `(h·w, D)`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Tokens {
+    pub cls: Vec<f32>,
+    pub patches: Vec<f32>,
+    pub grid: (usize, usize),
 }
 
-impl ImageFeatures {
-    /// `g`: the mean of the attribution branch's patch tokens.
-    pub fn attribution_mean_token(&self) -> Vec<f32> {
-        let n = self.attribution_grid.0 * self.attribution_grid.1;
-        let dim = self.attribution_patches.len() / n.max(1);
+impl Tokens {
+    /// The mean patch feature `(D,)`, accumulated in f64.
+    pub fn mean_patch(&self) -> Vec<f32> {
+        let n = (self.grid.0 * self.grid.1).max(1);
+        let dim = self.patches.len() / n;
         let mut mean = vec![0.0f64; dim];
-        for row in self.attribution_patches.chunks_exact(dim) {
+        for row in self.patches.chunks_exact(dim.max(1)) {
             for (m, &v) in mean.iter_mut().zip(row) {
                 *m += f64::from(v);
             }
         }
         mean.iter().map(|m| (m / n as f64) as f32).collect()
     }
+}
+
+/// One image's features for every branch.
+#[derive(Debug, Clone)]
+pub struct ImageFeatures {
+    pub object: Tokens,
+    pub attribution: Tokens,
+    pub texture: Tokens,
 }
 
 /// A decoded image and its features.
@@ -230,48 +235,35 @@ impl FeatureExtractor {
             .map(|rgb| GridImage::from_rgb(rgb, self.sizes.eval))
             .collect();
 
-        let object_tokens = self.vit_tokens(&self.object_vit, &grids, self.sizes.object)?;
-        let attribution_tokens = match (
-            &self.attribution_vit,
-            self.sizes.attribution == self.sizes.object,
-        ) {
-            (None, true) => None,
-            (vit, _) => Some(self.vit_tokens(
-                vit.as_ref().unwrap_or(&self.object_vit),
-                &grids,
-                self.sizes.attribution,
-            )?),
+        let object = self.vit_tokens(&self.object_vit, &grids, self.sizes.object)?;
+        let shared = self.attribution_vit.is_none() && self.sizes.attribution == self.sizes.object;
+        let attribution = if shared {
+            object.clone()
+        } else {
+            let vit = self.attribution_vit.as_ref().unwrap_or(&self.object_vit);
+            self.vit_tokens(vit, &grids, self.sizes.attribution)?
         };
         let texture = self.texture_features(&grids)?;
 
-        let mut out = Vec::with_capacity(images.len());
-        for (i, (texture_patches, texture_grid)) in texture.into_iter().enumerate() {
-            let (object_cls, object_patches, object_grid) = object_tokens[i].clone();
-            let (attribution_patches, attribution_grid) = match &attribution_tokens {
-                Some(t) => (t[i].1.clone(), t[i].2),
-                None => (object_patches.clone(), object_grid),
-            };
-            out.push(ImageFeatures {
-                object_cls,
-                object_patches,
-                object_grid,
-                attribution_patches,
-                attribution_grid,
-                texture_patches,
-                texture_grid,
-            });
-        }
-        Ok(out)
+        Ok(object
+            .into_iter()
+            .zip(attribution)
+            .zip(texture)
+            .map(|((object, attribution), texture)| ImageFeatures {
+                object,
+                attribution,
+                texture,
+            })
+            .collect())
     }
 
-    /// Per image: CLS token, patch tokens and patch grid.
-    #[allow(clippy::type_complexity)]
+    /// Per image: CLS token and patch tokens.
     fn vit_tokens(
         &self,
         vit: &Dinov2,
         grids: &[GridImage],
         size: usize,
-    ) -> Result<Vec<(Vec<f32>, Vec<f32>, (usize, usize))>, FeatureError> {
+    ) -> Result<Vec<Tokens>, FeatureError> {
         let batch = self.batch(grids, size)?;
         let tokens = vit.forward(&batch).map_err(compute("DINOv2 forward"))?;
         let (b, n, d) = tokens.dims3().map_err(compute("DINOv2 output"))?;
@@ -280,18 +272,19 @@ impl FeatureExtractor {
             .and_then(|t| t.to_vec1())
             .map_err(compute("DINOv2 output"))?;
         let side = size / crate::config::VIT_PATCH;
-        Ok((0..b)
-            .map(|i| {
-                let image = &flat[i * n * d..(i + 1) * n * d];
-                (image[..d].to_vec(), image[d..].to_vec(), (side, side))
+        Ok(flat
+            .chunks_exact(n * d)
+            .take(b)
+            .map(|image| Tokens {
+                cls: image[..d].to_vec(),
+                patches: image[d..].to_vec(),
+                grid: (side, side),
             })
             .collect())
     }
 
-    fn texture_features(
-        &self,
-        grids: &[GridImage],
-    ) -> Result<Vec<(Vec<f32>, (usize, usize))>, FeatureError> {
+    /// Per image: PatchCore patch features on the stride-8 grid.
+    fn texture_features(&self, grids: &[GridImage]) -> Result<Vec<Tokens>, FeatureError> {
         let batch = self.batch(grids, self.sizes.texture)?;
         let maps = self.cnn.forward(&batch).map_err(compute("CNN forward"))?;
         let (b, c8, h8, w8) = maps.stride8.dims4().map_err(compute("CNN output"))?;
@@ -305,7 +298,7 @@ impl FeatureExtractor {
         let (n8, n16) = (c8 * h8 * w8, c16 * h16 * w16);
         Ok((0..b)
             .map(|i| {
-                patch_features(
+                let (patches, grid) = patch_features(
                     FeatureMap {
                         data: &s8[i * n8..(i + 1) * n8],
                         channels: c8,
@@ -318,7 +311,12 @@ impl FeatureExtractor {
                         height: h16,
                         width: w16,
                     },
-                )
+                );
+                Tokens {
+                    cls: Vec::new(),
+                    patches,
+                    grid,
+                }
             })
             .collect())
     }

@@ -89,11 +89,11 @@ struct Gathered {
 
 impl Gathered {
     fn add(&mut self, f: &ImageFeatures, in_bank: bool) {
-        self.cls.extend_from_slice(&f.object_cls);
-        self.object_patches.extend_from_slice(&f.object_patches);
-        self.mean_tokens.extend(f.attribution_mean_token());
+        self.cls.extend_from_slice(&f.object.cls);
+        self.object_patches.extend_from_slice(&f.object.patches);
+        self.mean_tokens.extend(f.attribution.mean_patch());
         if in_bank {
-            self.texture_patches.extend_from_slice(&f.texture_patches);
+            self.texture_patches.extend_from_slice(&f.texture.patches);
         }
     }
 }

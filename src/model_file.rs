@@ -149,7 +149,7 @@ impl ModelFile {
             offset = end;
         }
         let mut json = serde_json::Value::Object(header).to_string().into_bytes();
-        while json.len() % HEADER_ALIGN != 0 {
+        while !json.len().is_multiple_of(HEADER_ALIGN) {
             json.push(b' ');
         }
 

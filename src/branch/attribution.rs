@@ -20,6 +20,7 @@
 use crate::anomaly_map::AnomalyMap;
 use crate::branch::{BranchError, BranchOutput};
 use crate::config::AttributionConfig;
+use crate::features::Tokens;
 use crate::stats::gaussian::Gaussian;
 
 /// A fitted attribution branch.
@@ -38,7 +39,7 @@ impl AttributionBranch {
     ) -> Result<Self, BranchError> {
         let n = mean_tokens.len() / dim;
         let mean_token =
-            Gaussian::fit(mean_tokens, n, dim, config.covariance.clone()).map_err(|source| {
+            Gaussian::fit(mean_tokens, n, dim, config.covariance).map_err(|source| {
                 BranchError::Stats {
                     branch: "attribution",
                     source,
@@ -50,10 +51,10 @@ impl AttributionBranch {
         })
     }
 
-    /// Scores one image from its patch tokens `(h·w, D)`.
-    pub fn score(&self, patches: &[f32], grid: (usize, usize), eval_size: usize) -> BranchOutput {
-        let (score, contributions) = self.contributions(patches);
-        let map = AnomalyMap::new(grid.0, grid.1, contributions)
+    /// Scores one image from its patch tokens.
+    pub fn score(&self, tokens: &Tokens, eval_size: usize) -> BranchOutput {
+        let (score, contributions) = self.contributions(&tokens.patches);
+        let map = AnomalyMap::new(tokens.grid.0, tokens.grid.1, contributions)
             .resized(eval_size, eval_size)
             .gaussian_blurred(self.sigma);
         BranchOutput { score, map }
@@ -136,7 +137,7 @@ mod tests {
         };
         let all: Vec<&[f32]> = patches.chunks(dim).collect();
         assert!((d_g - branch.mean_token.mahalanobis(&mean_of(all.clone()))).abs() < 1e-4);
-        for i in 0..n {
+        for (i, &ci) in c.iter().enumerate() {
             let rest: Vec<&[f32]> = all
                 .iter()
                 .enumerate()
@@ -145,9 +146,8 @@ mod tests {
                 .collect();
             let direct = (d_g - branch.mean_token.mahalanobis(&mean_of(rest))).abs();
             assert!(
-                (f64::from(c[i]) - direct).abs() < 1e-4 * (1.0 + direct),
-                "patch {i}: {} vs {direct}",
-                c[i]
+                (f64::from(ci) - direct).abs() < 1e-4 * (1.0 + direct),
+                "patch {i}: {ci} vs {direct}"
             );
         }
     }
@@ -158,7 +158,12 @@ mod tests {
         let branch = fitted(dim);
         let mut patches = vec![0.0f32; 16 * dim];
         patches[7 * dim..8 * dim].copy_from_slice(&[8.0, -8.0, 8.0, -8.0]);
-        let out = branch.score(&patches, (4, 4), 8);
+        let tokens = Tokens {
+            cls: vec![],
+            patches: patches.clone(),
+            grid: (4, 4),
+        };
+        let out = branch.score(&tokens, 8);
         let (_, c) = branch.contributions(&patches);
         let best = c
             .iter()

@@ -16,6 +16,7 @@
 use crate::anomaly_map::AnomalyMap;
 use crate::branch::{BranchError, BranchOutput};
 use crate::config::ObjectConfig;
+use crate::features::Tokens;
 use crate::stats::gaussian::Gaussian;
 use crate::stats::kmeans::{KMeans, KMeansParams};
 
@@ -49,7 +50,7 @@ impl ObjectBranch {
             source,
         };
         let cls_gaussian =
-            Gaussian::fit(cls, cls.len() / dim, dim, config.covariance.clone()).map_err(stats)?;
+            Gaussian::fit(cls, cls.len() / dim, dim, config.covariance).map_err(stats)?;
 
         let params = KMeansParams {
             k: PROTOTYPES,
@@ -78,17 +79,11 @@ impl ObjectBranch {
         })
     }
 
-    /// Scores one image from its CLS token `(D,)` and patch tokens `(h·w, D)`.
-    pub fn score(
-        &self,
-        cls: &[f32],
-        patches: &[f32],
-        grid: (usize, usize),
-        eval_size: usize,
-    ) -> BranchOutput {
-        let score = self.cls.mahalanobis(cls);
-        let ratios = self.patch_ratios(patches);
-        let map = AnomalyMap::new(grid.0, grid.1, ratios)
+    /// Scores one image from its CLS token and patch tokens.
+    pub fn score(&self, tokens: &Tokens, eval_size: usize) -> BranchOutput {
+        let score = self.cls.mahalanobis(&tokens.cls);
+        let ratios = self.patch_ratios(&tokens.patches);
+        let map = AnomalyMap::new(tokens.grid.0, tokens.grid.1, ratios)
             .resized(self.input_size, self.input_size)
             .min_max_normalised()
             .gaussian_blurred(self.sigma)
@@ -203,7 +198,12 @@ mod tests {
     fn map_is_normalised_and_on_the_eval_grid() {
         let b = branch(vec![0.0, 0.0], vec![10.0, 0.0], 1.14);
         let patches: Vec<f32> = (0..4).flat_map(|i| [6.0 + i as f32, 0.0]).collect();
-        let out = b.score(&[0.5, 0.5], &patches, (2, 2), 6);
+        let tokens = Tokens {
+            cls: vec![0.5, 0.5],
+            patches,
+            grid: (2, 2),
+        };
+        let out = b.score(&tokens, 6);
         assert_eq!((out.map.height, out.map.width), (6, 6));
         let max = out.map.max();
         assert!(

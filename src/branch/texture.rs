@@ -18,6 +18,7 @@
 use crate::anomaly_map::AnomalyMap;
 use crate::branch::{BranchError, BranchOutput};
 use crate::config::TextureConfig;
+use crate::features::Tokens;
 use crate::memory_bank::{BankError, MemoryBank, greedy_coreset};
 
 /// Side of the local aggregation window.
@@ -150,13 +151,9 @@ impl TextureBranch {
         })
     }
 
-    /// Scores one image from its `(h·w, D)` patch features.
-    pub fn score(
-        &self,
-        features: &[f32],
-        grid: (usize, usize),
-        eval_size: usize,
-    ) -> Result<BranchOutput, BranchError> {
+    /// Scores one image from its patch features.
+    pub fn score(&self, tokens: &Tokens, eval_size: usize) -> Result<BranchOutput, BranchError> {
+        let (features, grid) = (&tokens.patches[..], tokens.grid);
         let bank_err = |source| BranchError::Bank {
             branch: "texture",
             source,
@@ -292,7 +289,12 @@ mod tests {
             reweight_k: 3,
             sigma: 0.0,
         };
-        let out = branch.score(&[0.1, 10.0], (1, 2), 2).unwrap();
+        let tokens = Tokens {
+            cls: vec![],
+            patches: vec![0.1, 10.0],
+            grid: (1, 2),
+        };
+        let out = branch.score(&tokens, 2).unwrap();
         // p* = 10, m* = m2 (d* = 7); neighbours of m2 other than itself: m1, m0.
         let (d1, d0) = (9.0f64, 10.0f64);
         let w = 1.0 - 7.0f64.exp() / (d1.exp() + d0.exp());

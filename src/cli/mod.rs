@@ -157,11 +157,9 @@ pub fn main() -> ExitCode {
         }
     };
     init_logging(cli.verbose);
-    if let Some(n) = cli.threads {
-        if let Err(e) = set_threads(n) {
-            eprintln!("error: {e:#}");
-            return ExitCode::from(2);
-        }
+    if let Some(Err(e)) = cli.threads.map(set_threads) {
+        eprintln!("error: {e:#}");
+        return ExitCode::from(2);
     }
     let bars = progress_bar::Bars::new(cli.quiet);
     let outcome = match &cli.command {

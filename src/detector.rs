@@ -73,7 +73,6 @@ pub struct Provenance {
     /// SHA-256 of each backbone weights file, by backbone name.
     pub weights: BTreeMap<String, String>,
     pub beltad_version: String,
-    pub fit_seconds: f64,
 }
 
 /// A fitted detector.
@@ -203,7 +202,6 @@ impl Detector {
                 serde_json::to_string(&p.weights).unwrap_or_default(),
             ),
             ("beltad_version", p.beltad_version.clone()),
-            ("fit_seconds", format!("{:.3}", p.fit_seconds)),
             (
                 "map_normal_max",
                 self.calibration.map_normal_max.to_string(),
@@ -316,7 +314,6 @@ impl Detector {
             weights: serde_json::from_str(&weights_json)
                 .map_err(|e| inconsistent(format!("weights: {e}")))?,
             beltad_version: file.meta(path, "beltad_version")?,
-            fit_seconds: file.meta(path, "fit_seconds")?,
         };
         Ok(Self {
             config,

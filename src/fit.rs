@@ -6,7 +6,6 @@
 //! branches; score the held-out images to set the label-free threshold.
 
 use std::path::PathBuf;
-use std::time::Instant;
 
 use thiserror::Error;
 
@@ -106,7 +105,6 @@ pub fn fit(
     dataset: &str,
     progress: &dyn Progress,
 ) -> Result<Detector, FitError> {
-    let started = Instant::now();
     let split = split(images, config)?;
     tracing::info!(
         fit = split.fit.len(),
@@ -166,11 +164,9 @@ pub fn fit(
             n_calibration_images: split.calibration.len(),
             weights: extractor.fingerprints().clone(),
             beltad_version: env!("CARGO_PKG_VERSION").to_string(),
-            fit_seconds: 0.0,
         },
     };
     detector.calibration = calibrate(&detector, extractor, &split.calibration, progress)?;
-    detector.provenance.fit_seconds = started.elapsed().as_secs_f64();
     Ok(detector)
 }
 

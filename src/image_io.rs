@@ -181,6 +181,13 @@ fn decode(bytes: &[u8], path: &Path, limits: &DecodeLimits) -> Result<DynamicIma
         .into_dimensions()
         .map_err(|e| decode_err(&e))?;
     check_dimensions(path, width, height, limits)?;
+    if bytes.starts_with(&JPEG_SOI) && !jpeg_is_complete(bytes) {
+        let message = "JPEG data ends before its end-of-image marker (truncated file)".into();
+        return Err(ImageError::Decode {
+            path: path.to_path_buf(),
+            message,
+        });
+    }
 
     let mut decoder = reader().map_err(|e| decode_err(&e))?;
     let mut decode_limits = image::Limits::default();
@@ -217,6 +224,57 @@ fn check_dimensions(
         });
     }
     Ok(())
+}
+
+const JPEG_SOI: [u8; 2] = [0xFF, 0xD8];
+const JPEG_EOI: u8 = 0xD9;
+const JPEG_SOS: u8 = 0xDA;
+
+/// Whether a JPEG stream reaches its end-of-image marker.
+///
+/// The JPEG decoder fills a truncated image with grey instead of failing, so
+/// the structure is walked here: marker segments are skipped by their length
+/// up to each start-of-scan, entropy-coded data is skipped up to the next
+/// marker (`FF 00` stuffing and restart markers stay inside it), and the walk
+/// must meet EOI before the data runs out. Markers inside an embedded EXIF
+/// thumbnail sit inside an APP segment and are skipped with it.
+fn jpeg_is_complete(bytes: &[u8]) -> bool {
+    let mut i = 2;
+    while i + 1 < bytes.len() {
+        if bytes[i] != 0xFF {
+            return false;
+        }
+        let marker = bytes[i + 1];
+        match marker {
+            0xFF => i += 1, // fill byte
+            JPEG_EOI => return true,
+            0x01 | 0xD0..=0xD7 => i += 2, // stand-alone markers
+            _ => {
+                let Some(len) = bytes
+                    .get(i + 2..i + 4)
+                    .map(|b| usize::from(u16::from_be_bytes([b[0], b[1]])))
+                else {
+                    return false;
+                };
+                i += 2 + len;
+                if marker == JPEG_SOS {
+                    i = skip_entropy_coded(bytes, i);
+                }
+            }
+        }
+    }
+    false
+}
+
+/// Index of the first marker after entropy-coded data starting at `i`.
+fn skip_entropy_coded(bytes: &[u8], mut i: usize) -> usize {
+    while i + 1 < bytes.len() {
+        if bytes[i] == 0xFF && !matches!(bytes[i + 1], 0x00 | 0xD0..=0xD7 | 0xFF) {
+            return i;
+        }
+        i += 1;
+    }
+    bytes.len()
 }
 
 /// File extensions treated as images when a folder is listed.
@@ -269,6 +327,41 @@ mod tests {
         let err = load_rgb(&cut, &DecodeLimits::default()).unwrap_err();
         assert!(matches!(err, ImageError::Decode { .. }), "{err}");
         assert!(err.to_string().contains("cut.png"));
+    }
+
+    fn jpeg_bytes() -> Vec<u8> {
+        let rgb = RgbImage::from_fn(40, 30, |x, y| {
+            image::Rgb([(x * 6) as u8, (y * 8) as u8, 90])
+        });
+        let mut out = Cursor::new(Vec::new());
+        DynamicImage::ImageRgb8(rgb)
+            .write_to(&mut out, image::ImageFormat::Jpeg)
+            .unwrap();
+        out.into_inner()
+    }
+
+    #[test]
+    fn truncated_jpeg_is_refused_not_filled_with_grey() {
+        let full = jpeg_bytes();
+        assert!(jpeg_is_complete(&full));
+        let path = temp_file("whole.jpg", &full);
+        assert!(load_rgb(&path, &DecodeLimits::default()).is_ok());
+        for keep in [full.len() - 2, full.len() / 2, 200, 30, 3] {
+            let path = temp_file("part.jpg", &full[..keep]);
+            let err = load_rgb(&path, &DecodeLimits::default()).unwrap_err();
+            assert!(
+                matches!(err, ImageError::Decode { .. }),
+                "kept {keep}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn trailing_bytes_after_a_jpeg_are_accepted() {
+        let mut bytes = jpeg_bytes();
+        bytes.extend_from_slice(b"camera trailer");
+        let path = temp_file("trailer.jpg", &bytes);
+        assert!(load_rgb(&path, &DecodeLimits::default()).is_ok());
     }
 
     #[test]

@@ -2,105 +2,16 @@
 //! data sets (../shared/data), with the shipped weights. Inputs are kept
 //! small (a handful of images, reduced input sizes) so the suite stays quick.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod util;
 
-fn shared() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared")
-}
-
-fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("beltad-cli-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-fn beltad(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_beltad"))
-        .args(args)
-        .env("BELTAD_WEIGHTS", shared().join("weights"))
-        .output()
-        .expect("beltad runs")
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-/// A small config: the default preset's backbones at reduced sizes.
-const SMALL_CONFIG: &str = r#"
-[object]
-input_size = 112
-[attribution]
-input_size = 126
-[texture]
-input_size = 96
-coreset_ratio = 0.1
-[fusion]
-eval_size = 128
-[calibration]
-holdout_fraction = 0.25
-"#;
-
-/// A miniature MVTec-layout copy of conveyor_belt_damage: 8 train images, 3
-/// normal and 3 defective test images with masks.
-fn mini_dataset(dir: &Path) -> PathBuf {
-    let src = shared().join("data/conveyor_belt_damage");
-    let root = dir.join("mini_belt");
-    let copy_n = |from: &Path, to: &Path, n: usize| -> Vec<String> {
-        std::fs::create_dir_all(to).unwrap();
-        let mut names: Vec<_> = std::fs::read_dir(from)
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
-        names.sort();
-        names.truncate(n);
-        for name in &names {
-            std::fs::copy(from.join(name), to.join(name)).unwrap();
-        }
-        names
-            .iter()
-            .map(|n| n.to_string_lossy().into_owned())
-            .collect()
-    };
-    copy_n(&src.join("train/good"), &root.join("train/good"), 8);
-    copy_n(&src.join("test/good"), &root.join("test/good"), 3);
-    for name in copy_n(&src.join("test/hole"), &root.join("test/hole"), 3) {
-        let mask = format!("{}_mask.png", name.trim_end_matches(".jpg"));
-        std::fs::create_dir_all(root.join("ground_truth/hole")).unwrap();
-        std::fs::copy(
-            src.join("ground_truth/hole").join(&mask),
-            root.join("ground_truth/hole").join(&mask),
-        )
-        .unwrap();
-    }
-    root
-}
+use util::{beltad, fit_small, mini_dataset, temp_dir, text};
 
 #[test]
 fn fit_predict_eval_on_real_images() {
     let dir = temp_dir("e2e");
     let data = mini_dataset(&dir);
-    let config = dir.join("small.toml");
-    std::fs::write(&config, SMALL_CONFIG).unwrap();
     let model = dir.join("m.beltad");
-
-    let out = beltad(&[
-        "-q",
-        "fit",
-        "--data",
-        data.to_str().unwrap(),
-        "--model",
-        model.to_str().unwrap(),
-        "--config",
-        config.to_str().unwrap(),
-    ]);
-    assert!(out.status.success(), "fit failed: {}", text(&out));
+    fit_small(&dir, &data, &model);
     assert!(model.is_file());
 
     let preds = dir.join("preds");
@@ -125,11 +36,10 @@ fn fit_predict_eval_on_real_images() {
         let score = line["score"].as_f64().expect("a score");
         assert!(score.is_finite() && score >= 0.0, "{line}");
         assert!(line["anomalous"].is_boolean(), "{line}");
-        let heat = preds.join(line["heatmap"].as_str().unwrap());
-        let img = image::open(&heat).unwrap();
+        let heat = image::open(preds.join(line["heatmap"].as_str().unwrap())).unwrap();
         let original = image::open(line["image"].as_str().unwrap()).unwrap();
         assert_eq!(
-            (img.width(), img.height()),
+            (heat.width(), heat.height()),
             (original.width(), original.height())
         );
     }
@@ -158,4 +68,18 @@ fn fit_predict_eval_on_real_images() {
             assert!((0.0..=1.0).contains(&v), "{output}.{metric} = {v}");
         }
     }
+}
+
+#[test]
+fn the_same_fit_gives_the_same_model_file() {
+    let dir = temp_dir("determinism");
+    let data = mini_dataset(&dir);
+    let (a, b) = (dir.join("a.beltad"), dir.join("b.beltad"));
+    fit_small(&dir, &data, &a);
+    fit_small(&dir, &data, &b);
+    let (a, b) = (std::fs::read(a).unwrap(), std::fs::read(b).unwrap());
+    assert!(
+        a == b,
+        "two fits with the same data, config and seed wrote different model files"
+    );
 }

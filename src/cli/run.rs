@@ -11,7 +11,7 @@ use beltad::evaluate::evaluate;
 use beltad::progress::Progress;
 
 use super::eval::{print_table, write_json, write_scores_csv};
-use super::fit::fit_and_save;
+use super::fit::{fit_and_save, print_summary};
 use super::predict::predict;
 use super::{BackboneArgs, ConfigArgs, load_model};
 
@@ -41,13 +41,9 @@ pub fn run(args: &RunArgs, progress: &dyn Progress) -> anyhow::Result<ExitCode> 
     // Check the test split before spending time on a fit.
     let samples = dataset::test_samples(&args.data)?;
     let model = args.out.join("model.beltad");
-    let fitted = fit_and_save(&args.data, &model, &args.config, &args.backbones, progress)?;
-    println!(
-        "fitted on {} images in {:.1} s; model written to {}",
-        fitted.provenance.n_fit_images,
-        fitted.provenance.fit_seconds,
-        model.display()
-    );
+    let (fitted, seconds) =
+        fit_and_save(&args.data, &model, &args.config, &args.backbones, progress)?;
+    print_summary(&fitted, &model, seconds);
 
     let (detector, extractor) = load_model(&model, &args.backbones)?;
     let evaluation = evaluate(

@@ -6,6 +6,9 @@
 
 use crate::resample::{Filter, resize};
 
+/// A map whose range is below this share of its magnitude counts as flat.
+pub const FLAT_RANGE: f32 = 1e-5;
+
 /// Gaussian kernels extend to this many σ on each side (scipy's default).
 pub const GAUSSIAN_TRUNCATE: f64 = 4.0;
 
@@ -48,13 +51,17 @@ impl AnomalyMap {
         self.data.iter().copied().fold(f32::NEG_INFINITY, f32::max)
     }
 
-    /// Rescales to `[0, 1]`; a constant map becomes all zeros.
+    /// Rescales to `[0, 1]`. A constant map becomes all zeros, and so does a
+    /// map whose range is only float rounding (below [`FLAT_RANGE`] of its
+    /// magnitude): stretching rounding noise to full range would draw
+    /// structure that is not there.
     pub fn min_max_normalised(mut self) -> Self {
         let lo = self.data.iter().copied().fold(f32::INFINITY, f32::min);
         let hi = self.max();
         let range = hi - lo;
+        let flat = !(range > FLAT_RANGE * hi.abs().max(lo.abs()));
         for v in &mut self.data {
-            *v = if range > 0.0 { (*v - lo) / range } else { 0.0 };
+            *v = if flat { 0.0 } else { (*v - lo) / range };
         }
         self
     }
@@ -181,6 +188,9 @@ mod tests {
         assert_eq!(map.data, vec![0.0, 1.0, 0.5]);
         let flat = AnomalyMap::new(1, 2, vec![5.0, 5.0]).min_max_normalised();
         assert_eq!(flat.data, vec![0.0, 0.0]);
+        // Rounding noise of an upsampled constant is not stretched to [0, 1].
+        let noisy = AnomalyMap::new(1, 3, vec![0.7, 0.7 + 1e-7, 0.7 - 1e-7]).min_max_normalised();
+        assert_eq!(noisy.data, vec![0.0; 3]);
     }
 
     #[test]

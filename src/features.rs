@@ -7,6 +7,9 @@
 //! - attribution branch: DINOv2 patch tokens `(N, D)` (one forward shared with
 //!   the object branch when both use the same backbone at the same size);
 //! - texture branch: PatchCore patch features `(N, C₈ + C₁₆)` from the CNN.
+//!
+//! With a [`FeatureCache`], each of the three feature streams is looked up by
+//! the image file's hash first and computed only for the images it misses.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -14,18 +17,24 @@ use std::path::{Path, PathBuf};
 use candle_core::{Device, Tensor};
 use image::RgbImage;
 use rayon::prelude::*;
+use sha2::{Digest, Sha256};
 use thiserror::Error;
 
 use crate::backbone::{self, BackboneError, CnnBackbone, CnnKind, Dinov2, Dinov2Config};
 use crate::branch::texture::{FeatureMap, patch_features};
 use crate::config::{BackboneKind, Config};
-use crate::image_io::{DecodeLimits, ImageError, load_rgb};
+use crate::feature_cache::FeatureCache;
+use crate::image_io::{DecodeLimits, ImageError, decode_rgb, read_limited};
+use crate::model_file::hex;
 use crate::preprocess::GridImage;
 use crate::progress::Progress;
 use crate::weights::{WeightsError, WeightsSearch, fingerprint};
 
 /// Images per backbone forward by default.
 pub const DEFAULT_BATCH_SIZE: usize = 4;
+/// Version of the path from image file to backbone input; part of every
+/// cache key, so bump it when preprocessing changes.
+const PREPROCESS_VERSION: u32 = 1;
 
 /// Features could not be computed.
 #[derive(Debug, Error)]
@@ -94,17 +103,34 @@ pub struct Extracted {
     pub features: ImageFeatures,
 }
 
+/// A decoded image and, when features are cached, the hash of its file.
+struct Decoded {
+    rgb: RgbImage,
+    digest: Option<String>,
+}
+
+/// The three feature streams of an image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stream {
+    Object,
+    Attribution,
+    Texture,
+}
+
 /// The loaded backbones and the input sizes of the branches.
 pub struct FeatureExtractor {
     object_vit: Dinov2,
-    /// `None` when the attribution branch shares the object branch's backbone.
+    /// `None` when the attribution branch uses the object branch's backbone.
     attribution_vit: Option<Dinov2>,
     cnn: CnnBackbone,
     sizes: Sizes,
+    /// Backbone name of each stream, for cache keys.
+    kinds: [BackboneKind; 3],
     fingerprints: BTreeMap<String, String>,
     device: Device,
     limits: DecodeLimits,
     batch_size: usize,
+    cache: Option<FeatureCache>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -139,12 +165,8 @@ impl FeatureExtractor {
         let attribution_vit = if attribution_kind == object_kind {
             None
         } else {
-            Some(load_vit(
-                attribution_kind,
-                &locate(attribution_kind)?,
-                sizes.attribution,
-                &device,
-            )?)
+            let path = locate(attribution_kind)?;
+            Some(load_vit(attribution_kind, &path, sizes.attribution, &device)?)
         };
         let cnn_kind = match config.texture.backbone {
             BackboneKind::WideResnet50_2 => CnnKind::WideResNet50,
@@ -157,10 +179,12 @@ impl FeatureExtractor {
             attribution_vit,
             cnn,
             sizes,
+            kinds: [object_kind, attribution_kind, config.texture.backbone],
             fingerprints,
             device,
             limits: DecodeLimits::default(),
             batch_size: DEFAULT_BATCH_SIZE,
+            cache: None,
         })
     }
 
@@ -176,21 +200,23 @@ impl FeatureExtractor {
         self
     }
 
+    /// Looks features up in (and adds them to) an on-disk cache.
+    pub fn with_cache(mut self, cache: FeatureCache) -> Self {
+        self.cache = Some(cache);
+        self
+    }
+
     /// SHA-256 of each loaded weights file, by backbone name.
     pub fn fingerprints(&self) -> &BTreeMap<String, String> {
         &self.fingerprints
     }
 
     pub fn dims(&self) -> Dims {
-        let attribution = self
-            .attribution_vit
-            .as_ref()
-            .unwrap_or(&self.object_vit)
-            .hidden_size();
+        let attribution = self.attribution_vit.as_ref().unwrap_or(&self.object_vit);
         let (c8, c16) = self.cnn.kind().channels();
         Dims {
             object: self.object_vit.hidden_size(),
-            attribution,
+            attribution: attribution.hidden_size(),
             texture: c8 + c16,
         }
     }
@@ -206,18 +232,18 @@ impl FeatureExtractor {
     ) -> Result<(), E> {
         progress.start(stage, paths.len() as u64);
         for chunk in paths.chunks(self.batch_size) {
-            let decoded: Vec<Result<RgbImage, ImageError>> = chunk
-                .par_iter()
-                .map(|p| load_rgb(p, &self.limits))
-                .collect();
-            let good: Vec<&RgbImage> = decoded.iter().filter_map(|r| r.as_ref().ok()).collect();
-            let mut features = self.extract(&good)?.into_iter();
+            let decoded: Vec<Result<Decoded, ImageError>> =
+                chunk.par_iter().map(|p| self.decode(p)).collect();
+            let good: Vec<&Decoded> = decoded.iter().filter_map(|r| r.as_ref().ok()).collect();
+            let mut features = self.extract_decoded(&good)?.into_iter();
             for (path, image) in chunk.iter().zip(decoded) {
-                let item = image.map(|rgb| Extracted {
-                    rgb,
-                    features: features.next().expect("one per image"),
-                });
-                f(path, item)?;
+                // `extract_decoded` returns one entry per decoded image, in order.
+                let item = image.map(|d| (d.rgb, features.next()));
+                match item {
+                    Ok((rgb, Some(features))) => f(path, Ok(Extracted { rgb, features }))?,
+                    Ok((_, None)) => unreachable!("one feature set per decoded image"),
+                    Err(e) => f(path, Err(e))?,
+                }
             }
             progress.advance(chunk.len() as u64);
         }
@@ -225,48 +251,93 @@ impl FeatureExtractor {
         Ok(())
     }
 
-    /// Features of decoded images, one batch per backbone.
+    /// Features of decoded images (no cache).
     pub fn extract(&self, images: &[&RgbImage]) -> Result<Vec<ImageFeatures>, FeatureError> {
-        if images.is_empty() {
-            return Ok(Vec::new());
+        let decoded: Vec<Decoded> =
+            images.iter().map(|rgb| Decoded { rgb: (*rgb).clone(), digest: None }).collect();
+        self.extract_decoded(&decoded.iter().collect::<Vec<_>>())
+    }
+
+    fn decode(&self, path: &Path) -> Result<Decoded, ImageError> {
+        let bytes = read_limited(path, &self.limits)?;
+        let digest = self.cache.as_ref().map(|_| hex(&Sha256::digest(&bytes)));
+        Ok(Decoded { rgb: decode_rgb(&bytes, path, &self.limits)?, digest })
+    }
+
+    /// Features of decoded images: from the cache where possible, one batch per
+    /// backbone for the rest.
+    fn extract_decoded(&self, images: &[&Decoded]) -> Result<Vec<ImageFeatures>, FeatureError> {
+        let mut grids: Option<Vec<GridImage>> = None;
+        let mut streams: Vec<Vec<Tokens>> = Vec::with_capacity(3);
+        for stream in [Stream::Object, Stream::Attribution, Stream::Texture] {
+            if stream == Stream::Attribution && self.shares_object_forward() {
+                streams.push(streams[0].clone());
+                continue;
+            }
+            let key = self.stream_key(stream);
+            let mut found: Vec<Option<Tokens>> = images
+                .iter()
+                .map(|d| Some((self.cache.as_ref()?, d.digest.as_deref()?)))
+                .map(|hit| hit.and_then(|(cache, digest)| cache.load(&key, digest)))
+                .collect();
+            let missing: Vec<usize> = (0..images.len()).filter(|&i| found[i].is_none()).collect();
+            if !missing.is_empty() {
+                let grids = grids.get_or_insert_with(|| {
+                    images.par_iter().map(|d| GridImage::from_rgb(&d.rgb, self.sizes.eval)).collect()
+                });
+                let subset: Vec<&GridImage> = missing.iter().map(|&i| &grids[i]).collect();
+                for (&i, tokens) in missing.iter().zip(self.compute(stream, &subset)?) {
+                    if let (Some(cache), Some(digest)) = (&self.cache, &images[i].digest) {
+                        cache.store(&key, digest, &tokens);
+                    }
+                    found[i] = Some(tokens);
+                }
+            }
+            streams.push(found.into_iter().flatten().collect());
         }
-        let grids: Vec<GridImage> = images
-            .par_iter()
-            .map(|rgb| GridImage::from_rgb(rgb, self.sizes.eval))
-            .collect();
-
-        let object = self.vit_tokens(&self.object_vit, &grids, self.sizes.object)?;
-        let shared = self.attribution_vit.is_none() && self.sizes.attribution == self.sizes.object;
-        let attribution = if shared {
-            object.clone()
-        } else {
-            let vit = self.attribution_vit.as_ref().unwrap_or(&self.object_vit);
-            self.vit_tokens(vit, &grids, self.sizes.attribution)?
-        };
-        let texture = self.texture_features(&grids)?;
-
+        let mut streams = streams.into_iter();
+        let (object, attribution, texture) = (streams.next(), streams.next(), streams.next());
         Ok(object
             .into_iter()
-            .zip(attribution)
-            .zip(texture)
-            .map(|((object, attribution), texture)| ImageFeatures {
-                object,
-                attribution,
-                texture,
-            })
+            .flatten()
+            .zip(attribution.into_iter().flatten())
+            .zip(texture.into_iter().flatten())
+            .map(|((object, attribution), texture)| ImageFeatures { object, attribution, texture })
             .collect())
     }
 
+    /// Whether the attribution branch reuses the object branch's forward pass.
+    fn shares_object_forward(&self) -> bool {
+        self.attribution_vit.is_none() && self.sizes.attribution == self.sizes.object
+    }
+
+    /// Cache key of a stream: backbone, weights, input size, grid, preprocessing.
+    fn stream_key(&self, stream: Stream) -> String {
+        let (kind, size) = match stream {
+            Stream::Object => (self.kinds[0], self.sizes.object),
+            Stream::Attribution => (self.kinds[1], self.sizes.attribution),
+            Stream::Texture => (self.kinds[2], self.sizes.texture),
+        };
+        let weights = self.fingerprints.get(kind.name()).map_or("", |f| &f[..f.len().min(16)]);
+        format!("{kind}-{weights}-in{size}-grid{}-p{PREPROCESS_VERSION}", self.sizes.eval)
+    }
+
+    fn compute(&self, stream: Stream, grids: &[&GridImage]) -> Result<Vec<Tokens>, FeatureError> {
+        match stream {
+            Stream::Object => self.vit_tokens(&self.object_vit, grids, self.sizes.object),
+            Stream::Attribution => {
+                let vit = self.attribution_vit.as_ref().unwrap_or(&self.object_vit);
+                self.vit_tokens(vit, grids, self.sizes.attribution)
+            }
+            Stream::Texture => self.texture_features(grids),
+        }
+    }
+
     /// Per image: CLS token and patch tokens.
-    fn vit_tokens(
-        &self,
-        vit: &Dinov2,
-        grids: &[GridImage],
-        size: usize,
-    ) -> Result<Vec<Tokens>, FeatureError> {
+    fn vit_tokens(&self, vit: &Dinov2, grids: &[&GridImage], size: usize) -> Result<Vec<Tokens>, FeatureError> {
         let batch = self.batch(grids, size)?;
         let tokens = vit.forward(&batch).map_err(compute("DINOv2 forward"))?;
-        let (b, n, d) = tokens.dims3().map_err(compute("DINOv2 output"))?;
+        let (_, n, d) = tokens.dims3().map_err(compute("DINOv2 output"))?;
         let flat: Vec<f32> = tokens
             .flatten_all()
             .and_then(|t| t.to_vec1())
@@ -274,17 +345,12 @@ impl FeatureExtractor {
         let side = size / crate::config::VIT_PATCH;
         Ok(flat
             .chunks_exact(n * d)
-            .take(b)
-            .map(|image| Tokens {
-                cls: image[..d].to_vec(),
-                patches: image[d..].to_vec(),
-                grid: (side, side),
-            })
+            .map(|image| Tokens { cls: image[..d].to_vec(), patches: image[d..].to_vec(), grid: (side, side) })
             .collect())
     }
 
     /// Per image: PatchCore patch features on the stride-8 grid.
-    fn texture_features(&self, grids: &[GridImage]) -> Result<Vec<Tokens>, FeatureError> {
+    fn texture_features(&self, grids: &[&GridImage]) -> Result<Vec<Tokens>, FeatureError> {
         let batch = self.batch(grids, self.sizes.texture)?;
         let maps = self.cnn.forward(&batch).map_err(compute("CNN forward"))?;
         let (b, c8, h8, w8) = maps.stride8.dims4().map_err(compute("CNN output"))?;
@@ -299,45 +365,22 @@ impl FeatureExtractor {
         Ok((0..b)
             .map(|i| {
                 let (patches, grid) = patch_features(
-                    FeatureMap {
-                        data: &s8[i * n8..(i + 1) * n8],
-                        channels: c8,
-                        height: h8,
-                        width: w8,
-                    },
-                    FeatureMap {
-                        data: &s16[i * n16..(i + 1) * n16],
-                        channels: c16,
-                        height: h16,
-                        width: w16,
-                    },
+                    FeatureMap { data: &s8[i * n8..(i + 1) * n8], channels: c8, height: h8, width: w8 },
+                    FeatureMap { data: &s16[i * n16..(i + 1) * n16], channels: c16, height: h16, width: w16 },
                 );
-                Tokens {
-                    cls: Vec::new(),
-                    patches,
-                    grid,
-                }
+                Tokens { cls: Vec::new(), patches, grid }
             })
             .collect())
     }
 
     /// `(B, 3, size, size)` normalised inputs.
-    fn batch(&self, grids: &[GridImage], size: usize) -> Result<Tensor, FeatureError> {
-        let data: Vec<f32> = grids
-            .par_iter()
-            .flat_map_iter(|g| g.branch_input(size))
-            .collect();
-        Tensor::from_vec(data, (grids.len(), 3, size, size), &self.device)
-            .map_err(compute("input batch"))
+    fn batch(&self, grids: &[&GridImage], size: usize) -> Result<Tensor, FeatureError> {
+        let data: Vec<f32> = grids.par_iter().flat_map_iter(|g| g.branch_input(size)).collect();
+        Tensor::from_vec(data, (grids.len(), 3, size, size), &self.device).map_err(compute("input batch"))
     }
 }
 
-fn load_vit(
-    kind: BackboneKind,
-    path: &Path,
-    size: usize,
-    device: &Device,
-) -> Result<Dinov2, FeatureError> {
+fn load_vit(kind: BackboneKind, path: &Path, size: usize, device: &Device) -> Result<Dinov2, FeatureError> {
     let cfg = match kind {
         BackboneKind::Dinov2Vitb14 => Dinov2Config::vit_base(),
         _ => Dinov2Config::vit_small(),

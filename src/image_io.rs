@@ -137,7 +137,8 @@ pub fn load_mask(
         .collect())
 }
 
-fn read_limited(path: &Path, limits: &DecodeLimits) -> Result<Vec<u8>, ImageError> {
+/// Reads a file's bytes, refusing empty files and files over the size limit.
+pub fn read_limited(path: &Path, limits: &DecodeLimits) -> Result<Vec<u8>, ImageError> {
     let read_err = |source| ImageError::Read {
         path: path.to_path_buf(),
         source,

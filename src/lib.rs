@@ -23,6 +23,7 @@ pub mod config;
 pub mod dataset;
 pub mod detector;
 pub mod evaluate;
+pub mod feature_cache;
 pub mod features;
 pub mod fit;
 pub mod fusion;

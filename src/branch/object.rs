@@ -83,9 +83,11 @@ impl ObjectBranch {
     pub fn score(&self, tokens: &Tokens, eval_size: usize) -> BranchOutput {
         let score = self.cls.mahalanobis(&tokens.cls);
         let ratios = self.patch_ratios(&tokens.patches);
+        // Bilinear interpolation takes its extremes at grid points, so
+        // normalising on the grid equals normalising after the upsampling.
         let map = AnomalyMap::new(tokens.grid.0, tokens.grid.1, ratios)
-            .resized(self.input_size, self.input_size)
             .min_max_normalised()
+            .resized(self.input_size, self.input_size)
             .gaussian_blurred(self.sigma)
             .resized(eval_size, eval_size);
         BranchOutput { score, map }

@@ -24,6 +24,7 @@ use clap::{Args, Parser, Subcommand};
 
 use beltad::config::{Config, Preset};
 use beltad::detector::Detector;
+use beltad::feature_cache::FeatureCache;
 use beltad::features::{DEFAULT_BATCH_SIZE, FeatureExtractor};
 use beltad::image_io::{DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_PIXELS, DecodeLimits};
 use beltad::model_file::ModelFile;
@@ -80,6 +81,11 @@ pub struct BackboneArgs {
     /// Largest image accepted, in pixels; larger images are refused before decoding.
     #[arg(long, default_value_t = DEFAULT_MAX_PIXELS, value_name = "PIXELS")]
     max_pixels: u64,
+    /// Cache backbone features in this folder (keyed by image content,
+    /// weights and input size), so later runs on the same images skip the
+    /// backbones.
+    #[arg(long, value_name = "DIR")]
+    cache: Option<PathBuf>,
     /// Largest image file accepted, in bytes.
     #[arg(long, default_value_t = DEFAULT_MAX_FILE_BYTES, value_name = "BYTES")]
     max_file_bytes: u64,
@@ -96,9 +102,15 @@ impl BackboneArgs {
     /// Loads the backbones a config needs.
     pub fn extractor(&self, config: &Config) -> anyhow::Result<FeatureExtractor> {
         let search = WeightsSearch::new(self.weights.as_deref());
-        Ok(FeatureExtractor::load(config, &search)?
+        let mut extractor = FeatureExtractor::load(config, &search)?
             .with_batch_size(self.batch_size)
-            .with_limits(self.limits()))
+            .with_limits(self.limits());
+        if let Some(dir) = &self.cache {
+            let cache = FeatureCache::open(dir)
+                .with_context(|| format!("{}: cannot open feature cache", dir.display()))?;
+            extractor = extractor.with_cache(cache);
+        }
+        Ok(extractor)
     }
 }
 

@@ -14,6 +14,7 @@ use beltad::atomic_write::{AtomicFile, write_atomic};
 use beltad::dataset;
 use beltad::detector::{Detector, ImageVerdict};
 use beltad::features::FeatureExtractor;
+use beltad::fusion::Branch;
 use beltad::heatmap::{DisplayScale, heatmap, overlay, png_bytes};
 use beltad::progress::Progress;
 
@@ -39,8 +40,12 @@ pub struct PredictArgs {
     #[arg(required = true, value_name = "IMAGE_OR_DIR")]
     inputs: Vec<PathBuf>,
     /// Write only the score files, no heatmaps or overlays.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "branch_maps")]
     no_images: bool,
+    /// Also write each branch's own map over the image (OUT/branches), each
+    /// scaled to its own range: shows which branch saw what.
+    #[arg(long)]
+    branch_maps: bool,
     #[command(flatten)]
     backbones: BackboneArgs,
 }
@@ -70,7 +75,7 @@ pub fn run(args: &PredictArgs, progress: &dyn Progress) -> anyhow::Result<ExitCo
         &extractor,
         &images,
         &args.out,
-        !args.no_images,
+        Pictures::from_flags(args.no_images, args.branch_maps),
         progress,
     )?;
     println!(
@@ -116,13 +121,16 @@ pub fn predict(
     extractor: &FeatureExtractor,
     images: &[PathBuf],
     out: &Path,
-    pictures: bool,
+    pictures: Pictures,
     progress: &dyn Progress,
 ) -> anyhow::Result<Summary> {
     create_dir(out)?;
-    if pictures {
+    if pictures != Pictures::None {
         create_dir(&out.join("heatmaps"))?;
         create_dir(&out.join("overlays"))?;
+    }
+    if pictures == Pictures::WithBranches {
+        create_dir(&out.join("branches"))?;
     }
     let mut jsonl =
         AtomicFile::create(&out.join("scores.jsonl")).context("cannot create scores.jsonl")?;
@@ -141,16 +149,15 @@ pub fn predict(
         let line = match item {
             Ok(item) => {
                 let verdict = detector.score(&item.features)?;
-                let files = if pictures {
-                    Some(write_pictures(
-                        out,
-                        &names.next(path),
-                        &item.rgb,
-                        &verdict,
-                        scale,
-                    )?)
-                } else {
-                    None
+                let files = match pictures {
+                    Pictures::None => None,
+                    _ => {
+                        let name = names.next(path);
+                        if pictures == Pictures::WithBranches {
+                            write_branch_maps(out, &name, &item.rgb, &verdict)?;
+                        }
+                        Some(write_pictures(out, &name, &item.rgb, &verdict, scale)?)
+                    }
                 };
                 summary.scored += 1;
                 summary.anomalous += usize::from(verdict.anomalous == Some(true));
@@ -206,6 +213,44 @@ fn error_line(path: &Path, error: &str) -> ScoreLine {
         overlay: None,
         error: Some(error.to_string()),
     }
+}
+
+/// Which pictures a predict run draws.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pictures {
+    None,
+    /// Fused heatmap and overlay.
+    Fused,
+    /// Fused heatmap and overlay, and each branch's overlay.
+    WithBranches,
+}
+
+impl Pictures {
+    fn from_flags(no_images: bool, branch_maps: bool) -> Self {
+        match (no_images, branch_maps) {
+            (true, _) => Pictures::None,
+            (false, false) => Pictures::Fused,
+            (false, true) => Pictures::WithBranches,
+        }
+    }
+}
+
+/// Writes `branches/<name>_<branch>.png`: each branch's map over the image,
+/// min-max scaled per image (branch maps have unrelated units).
+fn write_branch_maps(
+    out: &Path,
+    name: &str,
+    rgb: &image::RgbImage,
+    verdict: &ImageVerdict,
+) -> anyhow::Result<()> {
+    for branch in Branch::ALL {
+        let map = verdict.branches.get(branch).map.clone().min_max_normalised();
+        let heat = heatmap(&map, rgb.width(), rgb.height(), DisplayScale { high: 1.0 });
+        let path = out.join(format!("branches/{name}_{branch}.png"));
+        write_atomic(&path, &png_bytes(&overlay(rgb, &heat))?)
+            .with_context(|| format!("{}: cannot write", path.display()))?;
+    }
+    Ok(())
 }
 
 /// Writes `heatmaps/<name>.png` and `overlays/<name>.png`; returns their relative paths.

@@ -12,7 +12,7 @@ use beltad::progress::Progress;
 
 use super::eval::{print_table, write_json, write_scores_csv};
 use super::fit::{fit_and_save, print_summary};
-use super::predict::predict;
+use super::predict::{Pictures, predict};
 use super::{BackboneArgs, ConfigArgs, load_model};
 
 /// Fit, evaluate and draw heatmaps on an MVTec-layout data set in one go.
@@ -59,7 +59,7 @@ pub fn run(args: &RunArgs, progress: &dyn Progress) -> anyhow::Result<ExitCode> 
 
     let sample = sample_per_class(&samples, args.heatmaps_per_class);
     let pictures = args.out.join("pictures");
-    predict(&detector, &extractor, &sample, &pictures, true, progress)?;
+    predict(&detector, &extractor, &sample, &pictures, Pictures::WithBranches, progress)?;
     println!(
         "metrics in {}, heatmaps in {}",
         args.out.join("metrics.json").display(),

@@ -9,6 +9,7 @@
 //! - 3: `predict` finished but some images could not be read (each is listed
 //!   in the scores files with its error).
 
+mod config;
 mod eval;
 mod fit;
 mod predict;
@@ -65,6 +66,7 @@ enum Command {
     Predict(predict::PredictArgs),
     Eval(eval::EvalArgs),
     Run(run::RunArgs),
+    Config(config::ConfigCmdArgs),
 }
 
 /// Options for loading backbones.
@@ -179,6 +181,7 @@ pub fn main() -> ExitCode {
         Command::Predict(args) => predict::run(args, &bars),
         Command::Eval(args) => eval::run(args, &bars),
         Command::Run(args) => run::run(args, &bars),
+        Command::Config(args) => config::run(args),
     };
     match outcome {
         Ok(code) => code,

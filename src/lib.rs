@@ -19,6 +19,7 @@ pub mod anomaly_map;
 pub mod atomic_write;
 pub mod backbone;
 pub mod branch;
+pub mod calibration;
 pub mod config;
 pub mod dataset;
 pub mod detector;

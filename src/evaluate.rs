@@ -55,6 +55,47 @@ pub struct EvalOptions {
     pub rules: bool,
     /// The paper's ablation over all seven subsets of branches.
     pub ablation: bool,
+    /// Curves, score distributions and a gallery of errors, for a report.
+    pub details: bool,
+}
+
+/// Points kept per plotted curve.
+pub const CURVE_POINTS: usize = 400;
+/// Images per gallery section (false positives, false negatives, detections).
+pub const GALLERY_PER_KIND: usize = 6;
+
+/// What a report draws beyond the tables.
+#[derive(Debug, Clone)]
+pub struct Details {
+    /// Image ROC `(FPR, TPR)` per output (fused, object, attribution, texture).
+    pub image_roc: Vec<(String, Vec<(f64, f64)>)>,
+    /// Pixel ROC per output.
+    pub pixel_roc: Vec<(String, Vec<(f64, f64)>)>,
+    /// PRO curve up to FPR 0.3 per output.
+    pub pro: Vec<(String, Vec<(f64, f64)>)>,
+    /// Threshold on the fused score with the best F1 on the test labels,
+    /// and that F1; reported beside the label-free threshold, never used by it.
+    pub f1_optimal: (f64, f64),
+    pub gallery: Vec<GalleryItem>,
+}
+
+/// Why an image is in the gallery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GalleryKind {
+    /// Normal images with the highest fused scores.
+    FalsePositive,
+    /// Anomalous images with the lowest fused scores.
+    FalseNegative,
+    /// Anomalous images above the threshold (a spread over the score range).
+    Detection,
+}
+
+/// One gallery image: its record and fused map on the evaluation grid.
+#[derive(Debug, Clone)]
+pub struct GalleryItem {
+    pub kind: GalleryKind,
+    pub record: ImageRecord,
+    pub map: crate::anomaly_map::AnomalyMap,
 }
 
 /// The three metrics of one output (fused or one branch).
@@ -74,6 +115,9 @@ pub struct ImageRecord {
     pub image: PathBuf,
     /// Defect class, `None` for a normal image.
     pub defect: Option<String>,
+    /// Ground-truth mask, `None` for a normal image.
+    #[serde(skip)]
+    pub mask: Option<PathBuf>,
     pub fused_score: f64,
     pub object_score: f64,
     pub attribution_score: f64,
@@ -132,6 +176,8 @@ pub struct Evaluation {
     pub ablation: Option<Vec<AblationRow>>,
     #[serde(skip)]
     pub images: Vec<ImageRecord>,
+    #[serde(skip)]
+    pub details: Option<Details>,
 }
 
 /// Branch outputs and ground truth of the whole test set.
@@ -157,7 +203,10 @@ pub fn evaluate(
     let seconds_per_image = started.elapsed().as_secs_f64() / samples.len() as f64;
 
     let rule = detector.config.fusion.rule;
-    let steps = 4 + if options.rules { 8 } else { 0 } + if options.ablation { 7 } else { 0 };
+    let steps = 4
+        + if options.rules { 8 } else { 0 }
+        + if options.ablation { 7 } else { 0 }
+        + if options.details { 4 } else { 0 };
     progress.start("computing metrics", steps);
     let fused = c.fused_metrics(detector, BranchSet::ALL, rule, "fused")?;
     progress.advance(1);
@@ -173,6 +222,10 @@ pub fn evaluate(
     let ablation = options
         .ablation
         .then(|| c.ablation(detector, progress))
+        .transpose()?;
+    let details = options
+        .details
+        .then(|| c.details(detector, progress))
         .transpose()?;
     progress.finish();
 
@@ -190,6 +243,7 @@ pub fn evaluate(
         rules,
         ablation,
         images: c.records,
+        details,
     })
 }
 
@@ -225,6 +279,7 @@ fn collect(
         out.records.push(ImageRecord {
             image: sample.image.clone(),
             defect: sample.defect.clone(),
+            mask: sample.mask.clone(),
             fused_score: verdict.fused.score,
             object_score: b.object.score,
             attribution_score: b.attribution.score,
@@ -359,6 +414,103 @@ impl Collected {
             progress.advance(1);
         }
         Ok(rows)
+    }
+
+    /// Curves, the F1-optimal threshold and the gallery.
+    fn details(&self, detector: &Detector, progress: &dyn Progress) -> Result<Details, EvalError> {
+        let err = |what: &'static str| {
+            move |source| EvalError::Metric {
+                what: what.into(),
+                source,
+            }
+        };
+        let rule = detector.config.fusion.rule;
+        let fused: Vec<Fused> = self
+            .outputs
+            .iter()
+            .map(|o| detector.fuse(o, BranchSet::ALL, rule))
+            .collect();
+        let mut outputs: Vec<(String, Vec<f32>, Vec<f32>)> = Vec::with_capacity(4);
+        outputs.push((
+            "fused".into(),
+            fused.iter().map(|f| f.score as f32).collect(),
+            fused
+                .iter()
+                .flat_map(|f| f.map.data.iter().copied())
+                .collect(),
+        ));
+        for b in Branch::ALL {
+            outputs.push((
+                b.name().into(),
+                self.outputs.iter().map(|o| o.get(b).score as f32).collect(),
+                self.outputs
+                    .iter()
+                    .flat_map(|o| o.get(b).map.data.iter().copied())
+                    .collect(),
+            ));
+        }
+        let (mut image_roc, mut pixel_roc, mut pro) = (Vec::new(), Vec::new(), Vec::new());
+        for (name, scores, maps) in &outputs {
+            image_roc.push((
+                name.clone(),
+                metrics::roc_curve(scores, &self.labels).map_err(err("image ROC"))?,
+            ));
+            let sweep = PixelSweep::new(maps, &self.truth).map_err(err("pixel sweep"))?;
+            pixel_roc.push((
+                name.clone(),
+                sweep.roc_curve(CURVE_POINTS).map_err(err("pixel ROC"))?,
+            ));
+            pro.push((
+                name.clone(),
+                sweep
+                    .pro_curve(AUPRO_MAX_FPR, CURVE_POINTS)
+                    .map_err(err("PRO curve"))?,
+            ));
+            progress.advance(1);
+        }
+        let (t, f1) =
+            metrics::f1_optimal_threshold(&outputs[0].1, &self.labels).map_err(err("F1"))?;
+        let gallery = self.gallery(&fused, detector.calibration.threshold);
+        Ok(Details {
+            image_roc,
+            pixel_roc,
+            pro,
+            f1_optimal: (f64::from(t), f1),
+            gallery,
+        })
+    }
+
+    /// Highest-scoring normals, lowest-scoring anomalies, and detections
+    /// spread over the score range.
+    fn gallery(&self, fused: &[Fused], threshold: Option<f64>) -> Vec<GalleryItem> {
+        let by_score = |anomalous: bool, descending: bool| {
+            let mut idx: Vec<usize> = (0..fused.len())
+                .filter(|&i| self.labels[i] == anomalous)
+                .collect();
+            idx.sort_by(|&a, &b| fused[a].score.total_cmp(&fused[b].score));
+            if descending {
+                idx.reverse();
+            }
+            idx
+        };
+        let item = |kind, i: usize| GalleryItem {
+            kind,
+            record: self.records[i].clone(),
+            map: fused[i].map.clone(),
+        };
+        let mut items: Vec<GalleryItem> = Vec::new();
+        let worst_normals = by_score(false, true).into_iter().take(GALLERY_PER_KIND);
+        items.extend(worst_normals.map(|i| item(GalleryKind::FalsePositive, i)));
+        let worst_anomalies = by_score(true, false).into_iter().take(GALLERY_PER_KIND);
+        items.extend(worst_anomalies.map(|i| item(GalleryKind::FalseNegative, i)));
+        let detected: Vec<usize> = by_score(true, true)
+            .into_iter()
+            .filter(|&i| threshold.is_none_or(|t| fused[i].score > t))
+            .collect();
+        let step = (detected.len() / GALLERY_PER_KIND).max(1);
+        let spread = detected.iter().step_by(step).take(GALLERY_PER_KIND);
+        items.extend(spread.map(|&i| item(GalleryKind::Detection, i)));
+        items
     }
 
     fn metrics_of(

@@ -36,6 +36,7 @@ pub mod metrics;
 pub mod model_file;
 pub mod preprocess;
 pub mod progress;
+pub mod report;
 pub mod resample;
 pub mod rng;
 pub mod stats;

@@ -8,11 +8,14 @@ use anyhow::Context;
 use clap::Args;
 
 use beltad::atomic_write::{AtomicFile, write_atomic};
+use beltad::detector::Detector;
 use beltad::evaluate::{EvalOptions, Evaluation, Metrics, evaluate};
+use beltad::image_io::DecodeLimits;
 use beltad::progress::Progress;
+use beltad::report;
 
 use super::predict::csv_field;
-use super::{BackboneArgs, load_model};
+use super::{BackboneArgs, create_dir, load_model};
 
 /// Evaluate a fitted model on the test split of an MVTec-layout data set.
 ///
@@ -52,14 +55,35 @@ pub struct ExtraArgs {
     /// Also evaluate the paper's ablation: every subset of branches.
     #[arg(long)]
     ablation: bool,
+    /// Write a browsable HTML report (index.html + pictures) into this
+    /// folder; implies --rules and --ablation.
+    #[arg(long, value_name = "DIR")]
+    report: Option<PathBuf>,
 }
 
 impl ExtraArgs {
     pub fn options(&self) -> EvalOptions {
+        let report = self.report.is_some();
         EvalOptions {
-            rules: self.rules,
-            ablation: self.ablation,
+            rules: self.rules || report,
+            ablation: self.ablation || report,
+            details: report,
         }
+    }
+
+    /// Writes the report if one was asked for.
+    pub fn write_report(
+        &self,
+        e: &Evaluation,
+        detector: &Detector,
+        limits: &DecodeLimits,
+    ) -> anyhow::Result<()> {
+        if let Some(dir) = &self.report {
+            create_dir(dir)?;
+            let index = report::write_report(dir, e, detector, limits)?;
+            println!("report written to {}", index.display());
+        }
+        Ok(())
     }
 }
 
@@ -74,6 +98,8 @@ pub fn run(args: &EvalArgs, progress: &dyn Progress) -> anyhow::Result<ExitCode>
         progress,
     )?;
     print_table(&evaluation);
+    args.extra
+        .write_report(&evaluation, &detector, &args.backbones.limits())?;
     if let Some(path) = &args.json {
         write_json(&evaluation, path)?;
     }

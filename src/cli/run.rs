@@ -57,6 +57,8 @@ pub fn run(args: &RunArgs, progress: &dyn Progress) -> anyhow::Result<ExitCode> 
         progress,
     )?;
     print_table(&evaluation);
+    args.extra
+        .write_report(&evaluation, &detector, &args.backbones.limits())?;
     write_json(&evaluation, &args.out.join("metrics.json"))?;
     write_scores_csv(&evaluation, &args.out.join("scores.csv"))?;
 

@@ -388,6 +388,22 @@ impl Config {
         Ok(())
     }
 
+    /// Copies the fields that only change how fitted branches score images
+    /// (τ, smoothing, re-weighting, fusion except the grid, threshold
+    /// quantile) from `other`.
+    pub fn copy_scoring_fields(&mut self, other: &Config) {
+        self.object.tau = other.object.tau;
+        self.object.sigma = other.object.sigma;
+        self.attribution.sigma = other.attribution.sigma;
+        self.texture.sigma = other.texture.sigma;
+        self.texture.reweight_k = other.texture.reweight_k;
+        self.fusion = FusionConfig {
+            eval_size: self.fusion.eval_size,
+            ..other.fusion.clone()
+        };
+        self.calibration.threshold_quantile = other.calibration.threshold_quantile;
+    }
+
     /// The distinct backbones this config needs.
     pub fn backbones(&self) -> Vec<BackboneKind> {
         let mut kinds = vec![self.object.backbone];

@@ -95,6 +95,18 @@ impl Detector {
         })
     }
 
+    /// Adopts the scoring fields of `config` (see
+    /// [`Config::copy_scoring_fields`]); the calibration must be measured again.
+    pub fn apply_scoring_config(&mut self, config: &Config) {
+        self.config.copy_scoring_fields(config);
+        let c = &self.config;
+        self.object.tau = c.object.tau as f32;
+        self.object.sigma = c.object.sigma;
+        self.attribution.sigma = c.attribution.sigma;
+        self.texture.sigma = c.texture.sigma;
+        self.texture.reweight_k = c.texture.reweight_k;
+    }
+
     /// Fuses branch outputs of `set` by `rule`, with the model's calibration.
     pub fn fuse(&self, branches: &BranchOutputs, set: BranchSet, rule: FusionRule) -> Fused {
         let calibration = self.calibration.fusion.as_ref();

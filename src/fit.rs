@@ -170,6 +170,19 @@ pub fn fit(
     Ok(detector)
 }
 
+/// Measures the calibration again (after a change of scoring settings) on
+/// the held-out images of `images`, the training images it was fitted from.
+pub fn recalibrate(
+    detector: &mut Detector,
+    extractor: &FeatureExtractor,
+    images: &[PathBuf],
+    progress: &dyn Progress,
+) -> Result<(), FitError> {
+    let split = split(images, &detector.config)?;
+    detector.calibration = calibrate(detector, extractor, &split.calibration, progress)?;
+    Ok(())
+}
+
 /// Scores the held-out normal images and measures the calibration on them.
 fn calibrate(
     detector: &Detector,

@@ -40,4 +40,5 @@ pub mod report;
 pub mod resample;
 pub mod rng;
 pub mod stats;
+pub mod sweep;
 pub mod weights;

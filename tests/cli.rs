@@ -114,3 +114,39 @@ fn the_same_fit_gives_the_same_model_file() {
         "two fits with the same data, config and seed wrote different model files"
     );
 }
+
+#[test]
+fn tau_sweep_reuses_the_fit_and_writes_plots() {
+    let dir = temp_dir("sweep");
+    let data = mini_dataset(&dir);
+    let config = util::small_config(&dir);
+    let out = dir.join("sweep");
+    let run = beltad(&[
+        "-q",
+        "sweep",
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--config",
+        config.to_str().unwrap(),
+        "--sweep",
+        "object.tau=1.0,1.3",
+    ]);
+    assert!(run.status.success(), "sweep failed: {}", text(&run));
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("sweeps.json")).unwrap()).unwrap();
+    let points = json[0]["points"].as_array().unwrap();
+    assert_eq!(points.len(), 2);
+    assert_eq!(points[0]["refitted"], true);
+    assert_eq!(points[1]["refitted"], false, "a τ change must not refit");
+    // τ changes the object map, so its pixel metric moves; the texture branch does not.
+    assert_eq!(points[0]["texture"], points[1]["texture"]);
+    assert_ne!(
+        points[0]["object"]["pixel_auroc"],
+        points[1]["object"]["pixel_auroc"]
+    );
+    let svg = std::fs::read_to_string(out.join("object_tau.svg")).unwrap();
+    assert!(svg.starts_with("<svg"));
+    assert!(out.join("index.html").is_file() && out.join("sweeps.csv").is_file());
+}

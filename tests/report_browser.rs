@@ -37,7 +37,11 @@ impl Drop for Driver {
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 fn start_driver() -> Driver {
@@ -52,7 +56,10 @@ fn start_driver() -> Driver {
     let base = format!("http://127.0.0.1:{port}");
     let started = Instant::now();
     while ureq::get(&format!("{base}/status")).call().is_err() {
-        assert!(started.elapsed() < Duration::from_secs(30), "chromedriver did not come up");
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "chromedriver did not come up"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     Driver { child, base }
@@ -94,7 +101,9 @@ fn report_renders_in_headless_chromium() {
             std::env::var_os("BELTAD_REQUIRE_BROWSER").is_none(),
             "chromium and chromium-driver are required here but not installed"
         );
-        eprintln!("report_renders_in_headless_chromium: not run (install chromium chromium-driver)");
+        eprintln!(
+            "report_renders_in_headless_chromium: not run (install chromium chromium-driver)"
+        );
         return;
     }
     let dir = temp_dir("report");
@@ -110,17 +119,43 @@ fn report_renders_in_headless_chromium() {
             "--window-size=1280,2400", format!("--user-data-dir={}", profile.display()),
         ]},
     }}});
-    let session = call("POST", &format!("{}/session", driver.base), Some(capabilities));
-    let id = session["sessionId"].as_str().expect("a session").to_string();
+    let session = call(
+        "POST",
+        &format!("{}/session", driver.base),
+        Some(capabilities),
+    );
+    let id = session["sessionId"]
+        .as_str()
+        .expect("a session")
+        .to_string();
     let url = |path: &str| format!("{}/session/{id}/{path}", driver.base);
 
-    call("POST", &url("url"), Some(json!({"url": format!("file://{}", index.display())})));
-    let script = |s: &str| call("POST", &url("execute/sync"), Some(json!({"script": s, "args": []})));
+    call(
+        "POST",
+        &url("url"),
+        Some(json!({"url": format!("file://{}", index.display())})),
+    );
+    let script = |s: &str| {
+        call(
+            "POST",
+            &url("execute/sync"),
+            Some(json!({"script": s, "args": []})),
+        )
+    };
 
     let title = script("return document.title;");
-    assert!(title.as_str().unwrap_or("").starts_with("beltad report: mini_belt"), "{title}");
+    assert!(
+        title
+            .as_str()
+            .unwrap_or("")
+            .starts_with("beltad report: mini_belt"),
+        "{title}"
+    );
     assert!(script("return document.querySelectorAll('table').length;").as_u64() >= Some(4));
-    assert_eq!(script("return document.querySelectorAll('figure svg').length;").as_u64(), Some(4));
+    assert_eq!(
+        script("return document.querySelectorAll('figure svg').length;").as_u64(),
+        Some(4)
+    );
 
     let images = script(
         "return Array.from(document.images).map(i => [i.getAttribute('src'), i.complete && i.naturalWidth > 0]);",
@@ -139,10 +174,17 @@ fn report_renders_in_headless_chromium() {
     assert!(errors.is_empty(), "console errors: {errors:?}");
 
     let png = call("GET", &url("screenshot"), None);
-    let bytes = base64::engine::general_purpose::STANDARD.decode(png.as_str().unwrap()).unwrap();
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(png.as_str().unwrap())
+        .unwrap();
     let shot = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/report-screenshot.png");
     std::fs::write(&shot, &bytes).unwrap();
     let decoded = image::load_from_memory(&bytes).unwrap();
-    assert!(decoded.width() >= 1000, "screenshot {}x{}", decoded.width(), decoded.height());
+    assert!(
+        decoded.width() >= 1000,
+        "screenshot {}x{}",
+        decoded.width(),
+        decoded.height()
+    );
     call("DELETE", &format!("{}/session/{id}", driver.base), None);
 }

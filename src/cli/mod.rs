@@ -15,6 +15,7 @@ mod fit;
 mod predict;
 mod progress_bar;
 mod run;
+mod sweep;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -66,6 +67,7 @@ enum Command {
     Predict(predict::PredictArgs),
     Eval(eval::EvalArgs),
     Run(run::RunArgs),
+    Sweep(sweep::SweepArgs),
     Config(config::ConfigCmdArgs),
 }
 
@@ -94,6 +96,18 @@ pub struct BackboneArgs {
 }
 
 impl BackboneArgs {
+    pub fn cache_dir(&self) -> Option<PathBuf> {
+        self.cache.clone()
+    }
+
+    pub fn weights_dir(&self) -> Option<&Path> {
+        self.weights.as_deref()
+    }
+
+    pub fn batch_size(&self) -> usize {
+        self.batch_size
+    }
+
     pub fn limits(&self) -> DecodeLimits {
         DecodeLimits {
             max_pixels: self.max_pixels,
@@ -181,6 +195,7 @@ pub fn main() -> ExitCode {
         Command::Predict(args) => predict::run(args, &bars),
         Command::Eval(args) => eval::run(args, &bars),
         Command::Run(args) => run::run(args, &bars),
+        Command::Sweep(args) => sweep::run(args, &bars),
         Command::Config(args) => config::run(args),
     };
     match outcome {

@@ -41,15 +41,27 @@ pub enum SweepError {
         source: ConfigError,
     },
     #[error(transparent)]
-    Fit(#[from] FitError),
+    Fit(Box<FitError>),
     #[error(transparent)]
-    Eval(#[from] EvalError),
+    Eval(Box<EvalError>),
     #[error("loading backbones for {field} = {value}: {message}")]
     Backbones {
         field: String,
         value: f64,
         message: String,
     },
+}
+
+impl From<FitError> for SweepError {
+    fn from(e: FitError) -> Self {
+        SweepError::Fit(Box::new(e))
+    }
+}
+
+impl From<EvalError> for SweepError {
+    fn from(e: EvalError) -> Self {
+        SweepError::Eval(Box::new(e))
+    }
 }
 
 /// One field and the values it takes.

@@ -97,6 +97,9 @@ pub struct ObjectConfig {
     /// KMeans restarts (k-means++ init each).
     pub kmeans_restarts: usize,
     pub kmeans_max_iter: usize,
+    /// Most patch tokens KMeans is fitted on; above it every image contributes
+    /// an equal seeded random share (bounds fit memory on large sets).
+    pub kmeans_max_patches: usize,
     /// Gaussian smoothing of the map, in pixels of the branch input.
     pub sigma: f64,
 }
@@ -125,6 +128,10 @@ pub struct TextureConfig {
     pub projection_eps: f64,
     /// Share of the training images whose patches feed the memory bank.
     pub bank_image_fraction: f64,
+    /// Memory for the bank images' patch features before the coreset, in
+    /// MiB; above it every image contributes an equal seeded random share.
+    /// The coreset still keeps `coreset_ratio` of all their patches.
+    pub bank_budget_mb: usize,
     /// Neighbourhood size of PatchCore's image-score re-weighting (includes
     /// the nearest bank entry itself).
     pub reweight_k: usize,
@@ -163,10 +170,15 @@ pub struct CalibrationConfig {
     pub holdout_fraction: f64,
     /// Quantile of the held-out images' fused scores used as the threshold.
     pub threshold_quantile: f64,
+    /// Most held-out images scored (their maps are kept in memory while the
+    /// calibration is measured); the rest of the hold-out is unused.
+    pub max_images: usize,
 }
 
 /// Fewest held-out normal images a threshold is set from.
 pub const MIN_CALIBRATION_IMAGES: usize = 2;
+/// Fewest patch tokens KMeans may be limited to.
+pub const MIN_KMEANS_PATCHES: usize = 1000;
 /// Fewest images left for fitting after the hold-out.
 pub const MIN_FIT_IMAGES: usize = 2;
 
@@ -193,6 +205,7 @@ impl Default for ObjectConfig {
             covariance: CovarianceEstimator::LedoitWolf,
             kmeans_restarts: 4,
             kmeans_max_iter: 100,
+            kmeans_max_patches: 300_000,
             sigma: 4.0,
         }
     }
@@ -217,6 +230,7 @@ impl Default for TextureConfig {
             coreset_ratio: 0.01,
             projection_eps: 0.9,
             bank_image_fraction: 0.5,
+            bank_budget_mb: 512,
             reweight_k: 3,
             sigma: 4.0,
         }
@@ -243,6 +257,7 @@ impl Default for CalibrationConfig {
         Self {
             holdout_fraction: 0.1,
             threshold_quantile: 0.99,
+            max_images: 100,
         }
     }
 }
@@ -333,6 +348,15 @@ impl Config {
         }
         if self.object.kmeans_restarts == 0 || self.object.kmeans_max_iter == 0 {
             return Err(ConfigError::KMeans);
+        }
+        if self.object.kmeans_max_patches < MIN_KMEANS_PATCHES {
+            return Err(ConfigError::KMeansPatches(self.object.kmeans_max_patches));
+        }
+        if self.texture.bank_budget_mb == 0 {
+            return Err(ConfigError::BankBudget);
+        }
+        if self.calibration.max_images < MIN_CALIBRATION_IMAGES {
+            return Err(ConfigError::CalibrationImages(self.calibration.max_images));
         }
         for (branch, sigma) in [
             ("object.sigma", self.object.sigma),
@@ -505,6 +529,12 @@ pub enum ConfigError {
     Tau(f64),
     #[error("object.kmeans_restarts and object.kmeans_max_iter must be at least 1")]
     KMeans,
+    #[error("object.kmeans_max_patches = {0}: must be at least {MIN_KMEANS_PATCHES}")]
+    KMeansPatches(usize),
+    #[error("texture.bank_budget_mb must be at least 1")]
+    BankBudget,
+    #[error("calibration.max_images = {0}: must be at least {MIN_CALIBRATION_IMAGES}")]
+    CalibrationImages(usize),
     #[error("{field} = {value}: must lie in 0..={MAX_SIGMA}")]
     Sigma { field: &'static str, value: f64 },
     #[error("{branch}.covariance: ridge = {ridge} must be a non-negative number")]
@@ -611,6 +641,22 @@ mod tests {
         assert_eq!(
             with(|c| c.texture.input_size = 8),
             Err(ConfigError::CnnSize(8))
+        );
+    }
+
+    #[test]
+    fn memory_bounds_are_checked() {
+        assert_eq!(
+            with(|c| c.object.kmeans_max_patches = 10),
+            Err(ConfigError::KMeansPatches(10))
+        );
+        assert_eq!(
+            with(|c| c.texture.bank_budget_mb = 0),
+            Err(ConfigError::BankBudget)
+        );
+        assert_eq!(
+            with(|c| c.calibration.max_images = 1),
+            Err(ConfigError::CalibrationImages(1))
         );
     }
 

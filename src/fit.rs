@@ -16,7 +16,7 @@ use crate::branch::texture::TextureBranch;
 use crate::calibration::Calibration;
 use crate::config::{Config, MIN_CALIBRATION_IMAGES, MIN_FIT_IMAGES};
 use crate::detector::{Detector, Provenance};
-use crate::features::{FeatureError, FeatureExtractor, ImageFeatures};
+use crate::features::{Dims, FeatureError, FeatureExtractor, ImageFeatures};
 use crate::progress::Progress;
 use crate::rng::SplitMix64;
 
@@ -47,7 +47,7 @@ pub fn split(images: &[PathBuf], config: &Config) -> Result<Split, FitError> {
     let n = images.len();
     let mut held_out = (n as f64 * config.calibration.holdout_fraction).round() as usize;
     if config.calibration.holdout_fraction > 0.0 {
-        held_out = held_out.max(MIN_CALIBRATION_IMAGES);
+        held_out = held_out.clamp(MIN_CALIBRATION_IMAGES, config.calibration.max_images);
     }
     if n < held_out + MIN_FIT_IMAGES {
         return Err(FitError::TooFewImages(n));
@@ -77,24 +77,76 @@ pub fn split(images: &[PathBuf], config: &Config) -> Result<Split, FitError> {
 /// Keeps the bank shuffle independent of the hold-out shuffle.
 const BANK_SEED_SALT: u64 = 0x6261_6e6b;
 
-/// Features of the fit images, gathered per branch.
-#[derive(Default)]
+/// Features of the fit images, gathered per branch, with the per-image
+/// patch quotas that bound fit memory.
 struct Gathered {
     cls: Vec<f32>,
     object_patches: Vec<f32>,
     mean_tokens: Vec<f32>,
     texture_patches: Vec<f32>,
+    /// Texture patches of the bank images before any quota (the coreset
+    /// size is a share of these).
+    texture_total: usize,
+    object_quota: usize,
+    texture_quota: usize,
+    rng: SplitMix64,
 }
 
 impl Gathered {
-    fn add(&mut self, f: &ImageFeatures, in_bank: bool) {
-        self.cls.extend_from_slice(&f.object.cls);
-        self.object_patches.extend_from_slice(&f.object.patches);
-        self.mean_tokens.extend(f.attribution.mean_patch());
-        if in_bank {
-            self.texture_patches.extend_from_slice(&f.texture.patches);
+    fn new(config: &Config, dims: &Dims, n_fit: usize, n_bank: usize) -> Self {
+        let bank_patches = config.texture.bank_budget_mb * (1 << 20) / (4 * dims.texture.max(1));
+        Self {
+            cls: Vec::new(),
+            object_patches: Vec::new(),
+            mean_tokens: Vec::new(),
+            texture_patches: Vec::new(),
+            texture_total: 0,
+            object_quota: (config.object.kmeans_max_patches / n_fit.max(1)).max(1),
+            texture_quota: (bank_patches / n_bank.max(1)).max(1),
+            rng: SplitMix64::new(config.seed ^ SUBSAMPLE_SEED_SALT),
         }
     }
+
+    fn add(&mut self, f: &ImageFeatures, in_bank: bool) {
+        self.cls.extend_from_slice(&f.object.cls);
+        self.mean_tokens.extend(f.attribution.mean_patch());
+        let dim = f.object.cls.len();
+        let kept = subsample_rows(&f.object.patches, dim, self.object_quota, &mut self.rng);
+        self.object_patches.extend_from_slice(&kept);
+        if in_bank {
+            let dim = f.texture.patches.len() / (f.texture.grid.0 * f.texture.grid.1).max(1);
+            self.texture_total += f.texture.patches.len() / dim.max(1);
+            let kept = subsample_rows(&f.texture.patches, dim, self.texture_quota, &mut self.rng);
+            self.texture_patches.extend_from_slice(&kept);
+        }
+    }
+}
+
+/// Keeps the patch subsampling independent of the other shuffles.
+const SUBSAMPLE_SEED_SALT: u64 = 0x7375_6273;
+
+/// `rows` (`n × dim`) if `n ≤ keep`, else `keep` rows picked by a seeded
+/// shuffle, in their original order.
+fn subsample_rows<'a>(
+    rows: &'a [f32],
+    dim: usize,
+    keep: usize,
+    rng: &mut SplitMix64,
+) -> std::borrow::Cow<'a, [f32]> {
+    let n = rows.len() / dim.max(1);
+    if n <= keep {
+        return std::borrow::Cow::Borrowed(rows);
+    }
+    let mut order: Vec<usize> = (0..n).collect();
+    rng.shuffle(&mut order);
+    let mut picked = order[..keep].to_vec();
+    picked.sort_unstable();
+    std::borrow::Cow::Owned(
+        picked
+            .iter()
+            .flat_map(|&i| rows[i * dim..(i + 1) * dim].iter().copied())
+            .collect(),
+    )
 }
 
 /// Fits a detector on `images` (normal images only).
@@ -113,7 +165,8 @@ pub fn fit(
         "fitting"
     );
 
-    let mut gathered = Gathered::default();
+    let dims = extractor.dims();
+    let mut gathered = Gathered::new(config, &dims, split.fit.len(), split.bank.len());
     let mut in_bank = vec![false; split.fit.len()];
     split.bank.iter().for_each(|&i| in_bank[i] = true);
     let mut index = 0;
@@ -129,7 +182,6 @@ pub fn fit(
     )?;
 
     progress.start("fitting branches", 3);
-    let dims = extractor.dims();
     let object = ObjectBranch::fit(
         &gathered.cls,
         &gathered.object_patches,
@@ -145,6 +197,7 @@ pub fn fit(
     let texture = TextureBranch::fit(
         &gathered.texture_patches,
         dims.texture,
+        gathered.texture_total,
         &config.texture,
         config.seed,
     )?;
@@ -235,6 +288,31 @@ mod tests {
             split(&paths(3), &config),
             Err(FitError::TooFewImages(3))
         ));
+    }
+
+    #[test]
+    fn subsampling_keeps_whole_rows_in_order() {
+        let rows: Vec<f32> = (0..20).map(|v| v as f32).collect(); // 10 rows of 2
+        let mut rng = SplitMix64::new(1);
+        let kept = subsample_rows(&rows, 2, 4, &mut rng);
+        assert_eq!(kept.len(), 8);
+        let firsts: Vec<f32> = kept.chunks(2).map(|r| r[0]).collect();
+        assert!(firsts.windows(2).all(|w| w[0] < w[1]), "{firsts:?}");
+        assert!(
+            kept.chunks(2)
+                .all(|r| r[1] == r[0] + 1.0 && r[0] % 2.0 == 0.0)
+        );
+        assert_eq!(subsample_rows(&rows, 2, 10, &mut rng).len(), 20);
+        let again = subsample_rows(&rows, 2, 4, &mut SplitMix64::new(1));
+        assert_eq!(again, kept, "seeded");
+    }
+
+    #[test]
+    fn hold_out_is_capped() {
+        let mut config = Config::preset(Preset::Default);
+        config.calibration.max_images = 3;
+        let s = split(&paths(100), &config).unwrap();
+        assert_eq!((s.calibration.len(), s.fit.len()), (3, 97));
     }
 
     #[test]

@@ -115,10 +115,13 @@ fn adaptive_avg_pool(planes: &[f32], map: FeatureMap, (oh, ow): (usize, usize)) 
 }
 
 impl TextureBranch {
-    /// Builds the memory bank from `(n, D)` patch features of the bank images.
+    /// Builds the memory bank from `(n, D)` patch features of the bank
+    /// images, which may be a subsample of `total_patches` (the coreset keeps
+    /// `coreset_ratio` of the total, as many as the subsample allows).
     pub fn fit(
         features: &[f32],
         dim: usize,
+        total_patches: usize,
         config: &TextureConfig,
         seed: u64,
     ) -> Result<Self, BranchError> {
@@ -131,7 +134,8 @@ impl TextureBranch {
             });
         }
         // As the reference: int(n × ratio), at least one entry.
-        let n_select = ((n as f64 * config.coreset_ratio) as usize).clamp(1, n);
+        let total = total_patches.max(n);
+        let n_select = ((total as f64 * config.coreset_ratio) as usize).clamp(1, n);
         let bank_err = |source| BranchError::Bank {
             branch: "texture",
             source,

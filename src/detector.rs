@@ -294,9 +294,14 @@ impl Detector {
         let threshold_text: String = file.meta(path, "threshold")?;
         let threshold = match threshold_text.as_str() {
             "none" => None,
+            // A NaN threshold would silently call every image normal.
             t => Some(
                 t.parse()
-                    .map_err(|_| inconsistent(format!("threshold `{t}` is not a number")))?,
+                    .ok()
+                    .filter(|t: &f64| t.is_finite())
+                    .ok_or_else(|| {
+                        inconsistent(format!("threshold `{t}` is not a finite number"))
+                    })?,
             ),
         };
         let calibration = Calibration {

@@ -173,10 +173,15 @@ impl ModelFile {
     /// Reads a file, checking format, version and checksum.
     pub fn load(path: &Path) -> Result<Self, ModelFileError> {
         let shown = path.display().to_string();
-        let bytes = std::fs::read(path).map_err(|source| ModelFileError::Read {
+        let read_err = |source| ModelFileError::Read {
             path: shown.clone(),
             source,
-        })?;
+        };
+        // A device or pipe could be read forever (`/dev/zero`): refuse it first.
+        if !std::fs::metadata(path).map_err(read_err)?.is_file() {
+            return Err(read_err(std::io::Error::other("not a regular file")));
+        }
+        let bytes = std::fs::read(path).map_err(read_err)?;
         Self::from_bytes(&bytes, &shown)
     }
 

@@ -1,0 +1,252 @@
+//! Model file loading: any bytes either load into a detector that scores
+//! features of its own widths, or give a `ModelFileError` / `DetectorError`;
+//! never a panic.
+//!
+//! The first input byte picks how the rest is used:
+//! - 0: the bytes are the file;
+//! - 1: the bytes patch a small valid model file (`offset: u16, xor: u8`
+//!   triples), then cut it to a length (checksum and parser checks);
+//! - 2: the bytes edit the small model's metadata and tensors, and the file
+//!   is written with a fresh checksum, so that the checks behind the
+//!   checksum (shapes, config, consistency) are reached.
+
+#![no_main]
+
+use std::sync::OnceLock;
+
+use beltad::branch::attribution::AttributionBranch;
+use beltad::branch::object::ObjectBranch;
+use beltad::branch::texture::TextureBranch;
+use beltad::config::{Config, Preset};
+use beltad::detector::{Calibration, Detector, Provenance};
+use beltad::features::{Dims, ImageFeatures, Tokens};
+use beltad::memory_bank::MemoryBank;
+use beltad::model_file::{DType, ModelFile};
+use beltad::stats::gaussian::Gaussian;
+use libfuzzer_sys::fuzz_target;
+
+/// Width of the object and attribution features of the small model.
+const DIM: usize = 3;
+/// Width of the texture features.
+const TEXTURE_DIM: usize = 2;
+/// Entries of the memory bank.
+const BANK: usize = 4;
+/// Patch grid of the synthetic features scored with a loaded model.
+const GRID: (usize, usize) = (2, 3);
+/// Evaluation grid of the small model (kept small so that scoring is quick).
+const EVAL_SIZE: usize = 32;
+/// Values written by tensor edits.
+const SPECIAL: [f64; 8] = [0.0, -1.0, 1e30, -1e30, f64::NAN, f64::INFINITY, 1e-300, 2.5];
+
+fn gaussian(dim: usize) -> Gaussian {
+    let mut whitening = vec![0.0; dim * dim];
+    for i in 0..dim {
+        whitening[i * dim + i] = 1.0 + i as f64;
+    }
+    Gaussian::from_parts(vec![0.5; dim], whitening, dim).expect("valid parts")
+}
+
+fn small_model() -> ModelFile {
+    let mut config = Config::preset(Preset::Default);
+    config.fusion.eval_size = EVAL_SIZE;
+    let bank: Vec<f32> = (0..BANK * TEXTURE_DIM).map(|i| i as f32 * 0.25).collect();
+    let detector = Detector {
+        object: ObjectBranch {
+            cls: gaussian(DIM),
+            foreground: vec![1.0; DIM],
+            background: vec![-1.0; DIM],
+            tau: config.object.tau as f32,
+            sigma: config.object.sigma,
+            input_size: config.object.input_size,
+        },
+        attribution: AttributionBranch {
+            mean_token: gaussian(DIM),
+            sigma: config.attribution.sigma,
+        },
+        texture: TextureBranch {
+            bank: MemoryBank::new(bank, BANK, TEXTURE_DIM).expect("valid bank"),
+            reweight_k: config.texture.reweight_k,
+            sigma: config.texture.sigma,
+        },
+        calibration: Calibration::from_scores(
+            vec![1.0, 2.0],
+            [vec![0.1, 0.2], vec![0.3, 0.4], vec![0.5, 0.6]],
+            1.5,
+            config.calibration.threshold_quantile,
+        ),
+        provenance: Provenance {
+            dataset: "fuzz".into(),
+            n_fit_images: 4,
+            n_bank_images: 2,
+            n_calibration_images: 2,
+            weights: Default::default(),
+            beltad_version: "fuzz".into(),
+        },
+        config,
+    };
+    detector.to_model_file()
+}
+
+fn small() -> &'static (ModelFile, Vec<u8>) {
+    static SMALL: OnceLock<(ModelFile, Vec<u8>)> = OnceLock::new();
+    SMALL.get_or_init(|| {
+        let file = small_model();
+        let bytes = file.to_bytes();
+        (file, bytes)
+    })
+}
+
+/// Loads `bytes` as the CLI does and scores features of the model's widths.
+fn load_and_score(bytes: &[u8]) {
+    let Ok(file) = ModelFile::from_bytes(bytes, "fuzz.beltad") else {
+        return;
+    };
+    let Ok(detector) = Detector::from_model_file(&file, "fuzz.beltad") else {
+        return;
+    };
+    let dims = Dims {
+        object: detector.object.cls.dim(),
+        attribution: detector.attribution.mean_token.dim(),
+        texture: detector.texture.bank.dim(),
+    };
+    if detector.check_dims("fuzz.beltad", &dims).is_err() {
+        return;
+    }
+    let tokens = |dim: usize, cls: bool| Tokens {
+        cls: if cls { vec![0.25; dim] } else { Vec::new() },
+        patches: (0..GRID.0 * GRID.1 * dim)
+            .map(|i| (i % 7) as f32 * 0.5)
+            .collect(),
+        grid: GRID,
+    };
+    let features = ImageFeatures {
+        object: tokens(dims.object, true),
+        attribution: tokens(dims.attribution, true),
+        texture: tokens(dims.texture, false),
+    };
+    if let Ok(verdict) = detector.score(&features) {
+        let eval = detector.config.fusion.eval_size;
+        assert_eq!(verdict.fused.map.data.len(), eval * eval);
+    }
+}
+
+/// Mode 1: byte patches and a cut.
+fn patched(edits: &[u8]) -> Vec<u8> {
+    let mut bytes = small().1.clone();
+    let mut chunks = edits.chunks_exact(3);
+    for c in &mut chunks {
+        let at = usize::from(u16::from_le_bytes([c[0], c[1]])) % bytes.len();
+        bytes[at] ^= c[2];
+    }
+    if let [a, b] = chunks.remainder() {
+        let keep = usize::from(u16::from_le_bytes([*a, *b])) % (bytes.len() + 1);
+        bytes.truncate(keep);
+    }
+    bytes
+}
+
+/// Mode 2: edits of metadata and tensors, re-checksummed on write.
+fn edited(ops: &[u8]) -> Vec<u8> {
+    let mut file = small().0.clone();
+    let mut i = 0;
+    while i + 2 < ops.len() {
+        let (op, a, b) = (ops[i], usize::from(ops[i + 1]), ops[i + 2]);
+        i += 3;
+        let keys: Vec<String> = file.metadata.keys().cloned().collect();
+        let names: Vec<String> = file.tensors.keys().cloned().collect();
+        match op % 7 {
+            0 => {
+                // Replace a metadata value with the next `b % 32` input bytes.
+                let n = usize::from(b % 32).min(ops.len() - i);
+                let value = String::from_utf8_lossy(&ops[i..i + n]).into_owned();
+                i += n;
+                file.metadata.insert(keys[a % keys.len()].clone(), value);
+            }
+            1 => {
+                // Change one line of the stored config to `key = <number>`.
+                let config = file.metadata.get("config").cloned().unwrap_or_default();
+                let lines: Vec<&str> = config.lines().collect();
+                let line = a % lines.len().max(1);
+                let mut edited: Vec<String> = lines.iter().map(|l| l.to_string()).collect();
+                if let Some(l) = edited.get_mut(line)
+                    && let Some((key, _)) = l.split_once(" = ")
+                {
+                    *l = format!("{key} = {}", SPECIAL[usize::from(b) % SPECIAL.len()]);
+                }
+                file.metadata.insert("config".into(), edited.join("\n"));
+            }
+            2 => {
+                // Change one dimension of a tensor's shape.
+                let t = file
+                    .tensors
+                    .get_mut(&names[a % names.len()])
+                    .expect("listed");
+                if !t.shape.is_empty() {
+                    let d = usize::from(b >> 4) % t.shape.len();
+                    t.shape[d] = usize::from(b & 0x0f);
+                }
+            }
+            3 => {
+                // Cut or extend a tensor's bytes.
+                let t = file
+                    .tensors
+                    .get_mut(&names[a % names.len()])
+                    .expect("listed");
+                let len = usize::from(b) % (t.bytes.len() + 9);
+                t.bytes.resize(len, 0);
+            }
+            4 => {
+                // Overwrite one value with a special one.
+                let t = file
+                    .tensors
+                    .get_mut(&names[a % names.len()])
+                    .expect("listed");
+                let v = SPECIAL[usize::from(b) % SPECIAL.len()];
+                let bytes = match t.dtype {
+                    DType::F32 => (v as f32).to_le_bytes().to_vec(),
+                    DType::F64 => v.to_le_bytes().to_vec(),
+                };
+                let slots = t.bytes.len() / bytes.len();
+                if slots > 0 {
+                    let at = usize::from(b >> 3) % slots * bytes.len();
+                    t.bytes[at..at + bytes.len()].copy_from_slice(&bytes);
+                }
+            }
+            5 => {
+                // Remove a tensor or a metadata entry.
+                if b % 2 == 0 {
+                    file.tensors.remove(&names[a % names.len()]);
+                } else {
+                    file.metadata.remove(&keys[a % keys.len()]);
+                }
+            }
+            _ => {
+                // Flip a tensor's element type.
+                let t = file
+                    .tensors
+                    .get_mut(&names[a % names.len()])
+                    .expect("listed");
+                t.dtype = if t.dtype == DType::F32 {
+                    DType::F64
+                } else {
+                    DType::F32
+                };
+            }
+        }
+        if file.tensors.is_empty() || file.metadata.is_empty() {
+            break;
+        }
+    }
+    file.to_bytes()
+}
+
+fuzz_target!(|data: &[u8]| {
+    let Some((&mode, rest)) = data.split_first() else {
+        return;
+    };
+    match mode % 3 {
+        0 => load_and_score(rest),
+        1 => load_and_score(&patched(rest)),
+        _ => load_and_score(&edited(rest)),
+    }
+});

@@ -13,6 +13,8 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use candle_core::{Device, Tensor};
 use image::RgbImage;
@@ -51,6 +53,9 @@ pub enum FeatureError {
         #[source]
         source: candle_core::Error,
     },
+    /// The stop flag was raised (Ctrl-C in the CLI).
+    #[error("interrupted")]
+    Interrupted,
 }
 
 fn compute(stage: &'static str) -> impl FnOnce(candle_core::Error) -> FeatureError {
@@ -131,6 +136,8 @@ pub struct FeatureExtractor {
     limits: DecodeLimits,
     batch_size: usize,
     cache: Option<FeatureCache>,
+    /// Checked between batches; when set, the run stops with [`FeatureError::Interrupted`].
+    stop: Option<Arc<AtomicBool>>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -185,6 +192,7 @@ impl FeatureExtractor {
             limits: DecodeLimits::default(),
             batch_size: DEFAULT_BATCH_SIZE,
             cache: None,
+            stop: None,
         })
     }
 
@@ -206,6 +214,19 @@ impl FeatureExtractor {
         self
     }
 
+    /// A flag that stops [`FeatureExtractor::for_each_image`] between batches.
+    pub fn with_stop_flag(mut self, stop: Arc<AtomicBool>) -> Self {
+        self.stop = Some(stop);
+        self
+    }
+
+    fn check_stop(&self) -> Result<(), FeatureError> {
+        match &self.stop {
+            Some(stop) if stop.load(Ordering::SeqCst) => Err(FeatureError::Interrupted),
+            _ => Ok(()),
+        }
+    }
+
     /// SHA-256 of each loaded weights file, by backbone name.
     pub fn fingerprints(&self) -> &BTreeMap<String, String> {
         &self.fingerprints
@@ -222,7 +243,8 @@ impl FeatureExtractor {
     }
 
     /// Runs `f` on every image in order, with progress. An image that cannot
-    /// be read reaches `f` as its error; a failed forward pass stops the run.
+    /// be read reaches `f` as its error; a failed forward pass or a raised
+    /// stop flag (checked before every batch and at the end) stops the run.
     pub fn for_each_image<E: From<FeatureError>>(
         &self,
         paths: &[PathBuf],
@@ -232,6 +254,7 @@ impl FeatureExtractor {
     ) -> Result<(), E> {
         progress.start(stage, paths.len() as u64);
         for chunk in paths.chunks(self.batch_size) {
+            self.check_stop()?;
             let decoded: Vec<Result<Decoded, ImageError>> =
                 chunk.par_iter().map(|p| self.decode(p)).collect();
             let good: Vec<&Decoded> = decoded.iter().filter_map(|r| r.as_ref().ok()).collect();
@@ -247,6 +270,7 @@ impl FeatureExtractor {
             }
             progress.advance(chunk.len() as u64);
         }
+        self.check_stop()?;
         progress.finish();
         Ok(())
     }

@@ -10,7 +10,7 @@ use anyhow::Context;
 use clap::Args;
 use serde::Serialize;
 
-use beltad::atomic_write::{AtomicFile, write_atomic};
+use beltad::atomic_write::{AtomicFile, remove_stale_temps, write_atomic};
 use beltad::dataset;
 use beltad::detector::{Detector, ImageVerdict};
 use beltad::features::FeatureExtractor;
@@ -132,6 +132,9 @@ pub fn predict(
     if pictures == Pictures::WithBranches {
         create_dir(&out.join("branches"))?;
     }
+    for name in ["scores.jsonl", "scores.csv"] {
+        remove_stale_temps(&out.join(name));
+    }
     let mut jsonl =
         AtomicFile::create(&out.join("scores.jsonl")).context("cannot create scores.jsonl")?;
     let mut csv =
@@ -244,7 +247,12 @@ fn write_branch_maps(
     verdict: &ImageVerdict,
 ) -> anyhow::Result<()> {
     for branch in Branch::ALL {
-        let map = verdict.branches.get(branch).map.clone().min_max_normalised();
+        let map = verdict
+            .branches
+            .get(branch)
+            .map
+            .clone()
+            .min_max_normalised();
         let heat = heatmap(&map, rgb.width(), rgb.height(), DisplayScale { high: 1.0 });
         let path = out.join(format!("branches/{name}_{branch}.png"));
         write_atomic(&path, &png_bytes(&overlay(rgb, &heat))?)

@@ -247,12 +247,7 @@ fn write_branch_maps(
     verdict: &ImageVerdict,
 ) -> anyhow::Result<()> {
     for branch in Branch::ALL {
-        let map = verdict
-            .branches
-            .get(branch)
-            .map
-            .clone()
-            .min_max_normalised();
+        let map = verdict.branches.get(branch).map.clone().min_max_normalised();
         let heat = heatmap(&map, rgb.width(), rgb.height(), DisplayScale { high: 1.0 });
         let path = out.join(format!("branches/{name}_{branch}.png"));
         write_atomic(&path, &png_bytes(&overlay(rgb, &heat))?)

@@ -59,14 +59,7 @@ pub fn run(args: &RunArgs, progress: &dyn Progress) -> anyhow::Result<ExitCode> 
 
     let sample = sample_per_class(&samples, args.heatmaps_per_class);
     let pictures = args.out.join("pictures");
-    predict(
-        &detector,
-        &extractor,
-        &sample,
-        &pictures,
-        Pictures::WithBranches,
-        progress,
-    )?;
+    predict(&detector, &extractor, &sample, &pictures, Pictures::WithBranches, progress)?;
     println!(
         "metrics in {}, heatmaps in {}",
         args.out.join("metrics.json").display(),

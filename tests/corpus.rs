@@ -236,6 +236,12 @@ fn valid_images() -> Vec<Case> {
         case("two_pixels.png", png(DynamicImage::new_rgb8(2, 1)), Valid),
         case("column_1x10000.png", png(picture(1, 10_000).into()), Valid),
         case("row_10000x1.png", png(picture(10_000, 1).into()), Valid),
+        // Resized columns first: rows first would need 1e6 × eval_size floats.
+        case(
+            "sliver_1x1000000.png",
+            png(DynamicImage::new_luma8(1, 1_000_000)),
+            Valid,
+        ),
         case("UPPER_CASE.PNG", png(dynamic.clone()), Valid),
         case("png_named.jpg", png(dynamic.clone()), Valid),
         case("jpeg_named.png", jpeg.clone(), Valid),
@@ -715,6 +721,16 @@ fn images_over_the_configured_limits() {
         let out = run(&predict_args(&f.model, &preds, &[&inputs], flags));
         check_rows(&out, &preds, &case_list);
     }
+    // More images than --max-images: refused before any is read.
+    let out = run(&predict_args(
+        &f.model,
+        &dir.join("p"),
+        &[&dir.join("inputs")],
+        &["--max-images", "1"],
+    ));
+    assert_refused(&out, "--max-images", &["2 images exceed --max-images 1"]);
+    assert!(!dir.join("p/scores.jsonl").exists());
+
     // The same limits hold for masks and training images.
     let eval = eval_set(&dir.join("eval"));
     let out = run(&eval_args(&f.model, &eval, &["--max-pixels", "60000"]));
@@ -726,7 +742,7 @@ fn images_over_the_configured_limits() {
     .concat());
     assert_clean_error(&out, "exceeds the limit of 1000 bytes");
     assert!(!dir.join("m.beltad").exists());
-    report("limits", cases.len() + 2);
+    report("limits", cases.len() + 3);
 }
 
 #[test]

@@ -46,6 +46,10 @@ pub struct PredictArgs {
     /// scaled to its own range: shows which branch saw what.
     #[arg(long)]
     branch_maps: bool,
+    /// Most images one run scores; more are refused before anything is read
+    /// (a guard against a mistyped folder; memory does not grow with it).
+    #[arg(long, default_value_t = DEFAULT_MAX_IMAGES, value_name = "N")]
+    max_images: usize,
     #[command(flatten)]
     backbones: BackboneArgs,
 }
@@ -65,10 +69,19 @@ pub struct ScoreLine {
     pub error: Option<String>,
 }
 
+/// Default of `--max-images`.
+pub const DEFAULT_MAX_IMAGES: usize = 100_000;
+
 const CSV_HEADER: &str = "image,score,anomalous,threshold,object_score,attribution_score,texture_score,heatmap,overlay,error";
 
 pub fn run(args: &PredictArgs, progress: &dyn Progress) -> anyhow::Result<ExitCode> {
     let images = expand_inputs(&args.inputs)?;
+    anyhow::ensure!(
+        images.len() <= args.max_images,
+        "{} images exceed --max-images {}; split the run or raise the limit",
+        images.len(),
+        args.max_images
+    );
     let (detector, extractor) = load_model(&args.model, &args.backbones)?;
     let summary = predict(
         &detector,

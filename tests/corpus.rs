@@ -1312,7 +1312,8 @@ fn model_cases() -> Vec<(String, Vec<u8>, &'static str)> {
         cases.push((format!("missing_{name}"), bytes, "is missing"));
     }
     let d = fitted_dim(good);
-    let edits: Vec<(&str, Box<dyn FnOnce(&mut ModelFile)>, &str)> = vec![
+    type ModelEdit<'a> = Box<dyn FnOnce(&mut ModelFile) + 'a>;
+    let edits: Vec<(&str, ModelEdit, &str)> = vec![
         (
             "whitening_flat",
             Box::new(|f| f.tensors.get_mut("object.cls.whitening").unwrap().shape = vec![d * d]),

@@ -191,7 +191,7 @@ pub fn main() -> ExitCode {
     };
     match outcome {
         Ok(code) => code,
-        Err(_) if stop_flag().load(Ordering::SeqCst) => {
+        Err(_) if stop_requested() => {
             eprintln!("error: interrupted");
             ExitCode::from(EXIT_INTERRUPTED)
         }
@@ -222,6 +222,11 @@ fn one_line(e: &anyhow::Error) -> String {
 fn stop_flag() -> Arc<AtomicBool> {
     static STOP: OnceLock<Arc<AtomicBool>> = OnceLock::new();
     STOP.get_or_init(Arc::default).clone()
+}
+
+/// Whether Ctrl-C or SIGTERM has asked the run to stop.
+pub fn stop_requested() -> bool {
+    stop_flag().load(Ordering::SeqCst)
 }
 
 /// The first SIGINT or SIGTERM raises the stop flag; a second one ends the

@@ -303,6 +303,7 @@ impl FeatureExtractor {
                 .iter()
                 .map(|d| Some((self.cache.as_ref()?, d.digest.as_deref()?)))
                 .map(|hit| hit.and_then(|(cache, digest)| cache.load(&key, digest)))
+                .map(|tokens| tokens.filter(|t| self.fits_stream(stream, t)))
                 .collect();
             let missing: Vec<usize> = (0..images.len()).filter(|&i| found[i].is_none()).collect();
             if !missing.is_empty() {
@@ -328,6 +329,26 @@ impl FeatureExtractor {
             .zip(texture.into_iter().flatten())
             .map(|((object, attribution), texture)| ImageFeatures { object, attribution, texture })
             .collect())
+    }
+
+    /// Whether cached tokens have the widths this stream computes; an entry
+    /// that does not (edited, or damaged in a way that still parses) is
+    /// recomputed rather than handed to the branches.
+    fn fits_stream(&self, stream: Stream, tokens: &Tokens) -> bool {
+        let dims = self.dims();
+        let vit_grid = |size: usize| {
+            let side = size / crate::config::VIT_PATCH;
+            (side, side)
+        };
+        let (cls, width, grid) = match stream {
+            Stream::Object => (dims.object, dims.object, Some(vit_grid(self.sizes.object))),
+            Stream::Attribution => (dims.attribution, dims.attribution, Some(vit_grid(self.sizes.attribution))),
+            Stream::Texture => (0, dims.texture, None),
+        };
+        let cells = tokens.grid.0 * tokens.grid.1;
+        tokens.cls.len() == cls
+            && tokens.patches.len() == cells * width
+            && grid.is_none_or(|g| g == tokens.grid)
     }
 
     /// Whether the attribution branch reuses the object branch's forward pass.

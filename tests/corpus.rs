@@ -1628,3 +1628,129 @@ fn weights_files_missing_truncated_and_misshapen() {
     );
     report("weights files", cases.len() + 1);
 }
+
+// ---------------------------------------------------------------- feature cache
+
+/// A feature cache entry's header fields and values.
+struct Entry {
+    head: [u32; 5],
+    values: Vec<u8>,
+}
+
+/// Header: magic, then version, grid h, grid w, cls length, patches length.
+const ENTRY_HEADER: usize = 24;
+
+fn read_entry(path: &Path) -> Entry {
+    let bytes = std::fs::read(path).unwrap();
+    let word = |i: usize| u32::from_le_bytes(bytes[4 + 4 * i..8 + 4 * i].try_into().unwrap());
+    Entry {
+        head: [word(0), word(1), word(2), word(3), word(4)],
+        values: bytes[ENTRY_HEADER..].to_vec(),
+    }
+}
+
+fn entry_bytes(e: &Entry) -> Vec<u8> {
+    let mut out = b"BTOK".to_vec();
+    for w in e.head {
+        out.extend_from_slice(&w.to_le_bytes());
+    }
+    out.extend_from_slice(&e.values);
+    out
+}
+
+/// Cache entries of one stream (a folder named after backbone and input size).
+fn entries(cache: &Path, stream_prefix: &str) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    for stream in file_names(cache) {
+        if !stream.starts_with(stream_prefix) {
+            continue;
+        }
+        for shard in file_names(&cache.join(&stream)) {
+            let dir = cache.join(&stream).join(shard);
+            found.extend(file_names(&dir).into_iter().map(|n| dir.join(n)));
+        }
+    }
+    assert!(!found.is_empty(), "no cache entries for {stream_prefix}");
+    found
+}
+
+#[test]
+fn damaged_feature_cache_entries_are_recomputed() {
+    let f = fitted();
+    let dir = sub_dir("cache");
+    let image = real_image();
+    let cache = dir.join("cache");
+    let scores = |name: &str, with_cache: bool| {
+        let preds = dir.join(name);
+        let extra: &[&str] = if with_cache {
+            &["--no-images", "--cache", s(&cache)]
+        } else {
+            &["--no-images"]
+        };
+        let out = run(&predict_args(&f.model, &preds, &[&image], extra));
+        assert_no_panic(&out);
+        assert!(out.status.success(), "{name}: {}", text(&out));
+        std::fs::read_to_string(preds.join("scores.csv")).unwrap()
+    };
+    let reference = scores("plain", false);
+    assert_eq!(scores("filled", true), reference);
+
+    // Object stream: DINOv2 at the object input size (112 in SMALL_CONFIG).
+    let object = "dinov2_vits14";
+    let texture = "mobilenet_v2";
+    type Forge = Box<dyn Fn(&mut Entry)>;
+    let forgeries: Vec<(&str, &str, Forge)> = vec![
+        (
+            "cls of width 1",
+            object,
+            Box::new(|e| {
+                let cls = e.head[3] as usize;
+                e.values.drain(4..4 * cls);
+                e.head[3] = 1;
+            }),
+        ),
+        (
+            "patches of half width",
+            texture,
+            Box::new(|e| {
+                e.values.truncate(e.values.len() / 2);
+                e.head[4] /= 2;
+            }),
+        ),
+        (
+            "grid of one row",
+            object,
+            Box::new(|e| {
+                e.head[2] *= e.head[1];
+                e.head[1] = 1;
+            }),
+        ),
+        (
+            "values cut short",
+            texture,
+            Box::new(|e| e.values.truncate(100)),
+        ),
+        ("huge lengths", object, Box::new(|e| e.head[4] = u32::MAX)),
+        ("zero grid", texture, Box::new(|e| e.head[1] = 0)),
+        ("other entry version", object, Box::new(|e| e.head[0] = 99)),
+    ];
+    for (what, stream, forge) in &forgeries {
+        for path in entries(&cache, stream) {
+            let mut e = read_entry(&path);
+            forge(&mut e);
+            std::fs::write(&path, entry_bytes(&e)).unwrap();
+        }
+        assert_eq!(&scores("forged", true), &reference, "{what}");
+    }
+    let raw: [(&str, Vec<u8>); 2] = [
+        ("empty entry", Vec::new()),
+        ("text entry", b"BTOK?".to_vec()),
+    ];
+    for (what, bytes) in &raw {
+        for path in entries(&cache, object) {
+            std::fs::write(&path, bytes).unwrap();
+        }
+        assert_eq!(&scores("raw", true), &reference, "{what}");
+    }
+    report("feature cache entries", forgeries.len() + raw.len());
+}

@@ -170,7 +170,7 @@ fn ctrl_c_stops_a_fit_cleanly() {
     let model = models.join("m.beltad");
     std::fs::write(&model, b"the model of yesterday").unwrap();
 
-    for delay_ms in [300, 2500] {
+    for delay_ms in [500, 2500] {
         let child = spawn(&fit_args(&data, &model, &config, "0"));
         std::thread::sleep(Duration::from_millis(delay_ms));
         send_sigint(&child);

@@ -1508,3 +1508,46 @@ fn damaged_feature_cache_entries_are_recomputed() {
     }
     report("feature cache entries", forgeries.len() + raw.len());
 }
+
+// ---------------------------------------------------------------- not files
+
+#[test]
+fn devices_and_pipes_are_refused_not_read() {
+    let f = fitted();
+    let dir = sub_dir("devices");
+    let fifo = dir.join("pipe.png");
+    let status = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let zero = Path::new("/dev/zero");
+
+    // As images: one unreadable row each, the real image is scored.
+    let preds = dir.join("preds");
+    let out = run(&predict_args(
+        &f.model,
+        &preds,
+        &[&fifo, zero, &real_image()],
+        &[],
+    ));
+    assert_no_panic(&out);
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
+    let rows = score_rows(&preds);
+    for name in ["pipe.png", "zero"] {
+        let error = rows[name]["error"].as_str().unwrap_or("");
+        assert!(error.contains("not a regular file"), "{name}: {error}");
+    }
+    assert_eq!(rows.len(), 3);
+
+    // As model and config files.
+    for model in [&fifo, zero] {
+        let out = run(&predict_args(model, &dir.join("p"), &[&real_image()], &[]));
+        assert_refused(&out, s(model), &[s(model), "not a regular file"]);
+    }
+    for config in [&fifo, zero] {
+        let out = run(&fit_args(&f.data, &dir.join("m.beltad"), config));
+        assert_refused(&out, s(config), &[s(config), "not a regular file"]);
+    }
+    report("devices and pipes", 6);
+}

@@ -35,6 +35,10 @@ const BANK: usize = 4;
 const GRID: (usize, usize) = (2, 3);
 /// Evaluation grid of the small model (kept small so that scoring is quick).
 const EVAL_SIZE: usize = 32;
+/// ViT input side of the small model (two patches).
+const SMALL_VIT_INPUT: usize = 28;
+/// Smoothing of the small model's maps.
+const SMALL_SIGMA: f64 = 1.0;
 /// Values written by tensor edits.
 const SPECIAL: [f64; 8] = [0.0, -1.0, 1e30, -1e30, f64::NAN, f64::INFINITY, 1e-300, 2.5];
 
@@ -47,8 +51,15 @@ fn gaussian(dim: usize) -> Gaussian {
 }
 
 fn small_model() -> ModelFile {
+    // Small sizes and kernels, so that one execution stays fast.
     let mut config = Config::preset(Preset::Default);
     config.fusion.eval_size = EVAL_SIZE;
+    config.object.input_size = SMALL_VIT_INPUT;
+    config.attribution.input_size = SMALL_VIT_INPUT;
+    config.texture.input_size = EVAL_SIZE;
+    config.object.sigma = SMALL_SIGMA;
+    config.attribution.sigma = SMALL_SIGMA;
+    config.texture.sigma = SMALL_SIGMA;
     let bank: Vec<f32> = (0..BANK * TEXTURE_DIM).map(|i| i as f32 * 0.25).collect();
     let detector = Detector {
         object: ObjectBranch {

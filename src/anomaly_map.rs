@@ -59,7 +59,7 @@ impl AnomalyMap {
         let lo = self.data.iter().copied().fold(f32::INFINITY, f32::min);
         let hi = self.max();
         let range = hi - lo;
-        let flat = !(range > FLAT_RANGE * hi.abs().max(lo.abs()));
+        let flat = range.is_nan() || range <= FLAT_RANGE * hi.abs().max(lo.abs());
         for v in &mut self.data {
             *v = if flat { 0.0 } else { (*v - lo) / range };
         }

@@ -14,6 +14,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+use crate::fusion::{FusionRule, ImageScoreRule};
 use crate::stats::gaussian::CovarianceEstimator;
 
 /// Frozen backbones the detector can use.
@@ -145,6 +146,12 @@ pub struct FusionConfig {
     pub final_sigma: f64,
     /// Side of the square grid on which maps are fused and evaluated.
     pub eval_size: usize,
+    /// How the branch maps are combined (see [`FusionRule`]).
+    pub rule: FusionRule,
+    /// How the image score is formed (see [`ImageScoreRule`]).
+    pub image_score: ImageScoreRule,
+    /// α of the soft-OR/AND rule: weight of the arithmetic mean.
+    pub soft_or_weight: f64,
 }
 
 /// Label-free decision threshold from held-out normal images.
@@ -224,6 +231,9 @@ impl Default for FusionConfig {
             final_kernel: 5,
             final_sigma: 1.0,
             eval_size: 406,
+            rule: FusionRule::Paper,
+            image_score: ImageScoreRule::Paper,
+            soft_or_weight: 0.5,
         }
     }
 }
@@ -366,6 +376,10 @@ impl Config {
                 return Err(ConfigError::Lambda { field, value });
             }
         }
+        let alpha = self.fusion.soft_or_weight;
+        if !(0.0..=1.0).contains(&alpha) {
+            return Err(ConfigError::SoftOrWeight(alpha));
+        }
         if self.fusion.final_kernel.is_multiple_of(2) || self.fusion.final_kernel > MAX_KERNEL {
             return Err(ConfigError::FinalKernel(self.fusion.final_kernel));
         }
@@ -501,6 +515,8 @@ pub enum ConfigError {
     ReweightK(usize),
     #[error("{field} = {value}: must be a non-negative number")]
     Lambda { field: &'static str, value: f64 },
+    #[error("fusion.soft_or_weight = {0}: must lie in [0, 1]")]
+    SoftOrWeight(f64),
     #[error("fusion.final_kernel = {0}: must be odd and at most {MAX_KERNEL}")]
     FinalKernel(usize),
     #[error("fusion.eval_size = {0}: must lie in {MIN_CNN_INPUT}..={MAX_INPUT_SIZE}")]
@@ -684,6 +700,20 @@ mod tests {
             with(|c| c.fusion.lambda_obj = -0.1),
             Err(ConfigError::Lambda { .. })
         ));
+    }
+
+    #[test]
+    fn soft_or_weight_lies_in_zero_one() {
+        let err = with(|c| c.fusion.soft_or_weight = 1.5);
+        assert_eq!(err, Err(ConfigError::SoftOrWeight(1.5)));
+    }
+
+    #[test]
+    fn fusion_rules_read_from_toml() {
+        let text = "[fusion]\nrule = \"two_of_three\"\nimage_score = \"calibrated\"\n";
+        let c = Config::from_toml(text, Preset::Default).unwrap();
+        assert_eq!(c.fusion.rule, FusionRule::TwoOfThree);
+        assert_eq!(c.fusion.image_score, ImageScoreRule::Calibrated);
     }
 
     #[test]

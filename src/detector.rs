@@ -13,55 +13,13 @@ use crate::branch::BranchError;
 use crate::branch::attribution::AttributionBranch;
 use crate::branch::object::ObjectBranch;
 use crate::branch::texture::TextureBranch;
+use crate::calibration::{Calibration, IMAGE_SCORE_RULES, MapCalibration, ScoreCalibration};
 use crate::config::{Config, ConfigError, Preset};
 use crate::features::{Dims, ImageFeatures};
-use crate::fusion::{Branch, BranchOutputs, BranchSet, Fused, fuse};
+use crate::fusion::{Branch, BranchOutputs, BranchSet, Fused, FusionCalibration, FusionRule, fuse};
 use crate::memory_bank::MemoryBank;
 use crate::model_file::{ModelFile, ModelFileError, StoredTensor};
 use crate::stats::gaussian::Gaussian;
-
-/// Scores of the held-out normal images, and the threshold set from them.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Calibration {
-    /// Fused image scores of the held-out normal images.
-    pub fused_scores: Vec<f64>,
-    /// Each branch's image scores on the same images (object, attribution, texture).
-    pub branch_scores: [Vec<f64>; 3],
-    /// Largest fused-map value on any held-out image (heatmap colour scale).
-    pub map_normal_max: f32,
-    /// Decision threshold on the fused image score; `None` without held-out images.
-    pub threshold: Option<f64>,
-}
-
-impl Calibration {
-    /// Builds the calibration from held-out scores with the configured quantile.
-    pub fn from_scores(
-        fused_scores: Vec<f64>,
-        branch_scores: [Vec<f64>; 3],
-        map_normal_max: f32,
-        quantile: f64,
-    ) -> Self {
-        let threshold = quantile_of(&fused_scores, quantile);
-        Self {
-            fused_scores,
-            branch_scores,
-            map_normal_max,
-            threshold,
-        }
-    }
-}
-
-/// Linear-interpolation quantile (numpy's default); `None` for no data.
-pub fn quantile_of(values: &[f64], q: f64) -> Option<f64> {
-    if values.is_empty() {
-        return None;
-    }
-    let mut sorted = values.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    let pos = q.clamp(0.0, 1.0) * (sorted.len() - 1) as f64;
-    let (lo, hi) = (pos.floor() as usize, pos.ceil() as usize);
-    Some(sorted[lo] + (sorted[hi] - sorted[lo]) * (pos - lo as f64))
-}
 
 /// Where a model came from.
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -128,13 +86,29 @@ impl Detector {
             attribution: self.attribution.score(&features.attribution, eval),
             texture: self.texture.score(&features.texture, eval)?,
         };
-        let fused = fuse(&branches, BranchSet::ALL, &self.config.fusion);
+        let fused = self.fuse(&branches, BranchSet::ALL, self.config.fusion.rule);
         let anomalous = self.calibration.threshold.map(|t| fused.score > t);
         Ok(ImageVerdict {
             branches,
             fused,
             anomalous,
         })
+    }
+
+    /// Fuses branch outputs of `set` by `rule`, with the model's calibration.
+    pub fn fuse(&self, branches: &BranchOutputs, set: BranchSet, rule: FusionRule) -> Fused {
+        let calibration = self.calibration.fusion.as_ref();
+        fuse(branches, set, rule, &self.config.fusion, calibration)
+    }
+
+    /// Each branch's robust z-score against the held-out normal images: how
+    /// strongly each branch finds the image unusual, on one scale. `None`
+    /// without held-out images.
+    pub fn branch_contributions(&self, branches: &BranchOutputs) -> Option<[f64; 3]> {
+        self.calibration
+            .fusion
+            .as_ref()
+            .map(|c| c.branch_z(branches))
     }
 
     /// Checks that the loaded backbones give the feature widths this model was fitted on.
@@ -234,15 +208,7 @@ impl Detector {
             "texture.memory_bank".into(),
             StoredTensor::from_f32(vec![bank.len(), bank.dim()], bank.features()),
         );
-        let c = &self.calibration;
-        t.insert(
-            "calibration.fused_scores".into(),
-            StoredTensor::from_f64(vec![c.fused_scores.len()], &c.fused_scores),
-        );
-        for (b, scores) in Branch::ALL.iter().zip(&c.branch_scores) {
-            let name = format!("calibration.{}_scores", b.name());
-            t.insert(name, StoredTensor::from_f64(vec![scores.len()], scores));
-        }
+        put_calibration(t, &self.calibration);
         file
     }
 
@@ -285,31 +251,7 @@ impl Detector {
             sigma: config.texture.sigma,
         };
 
-        let (_, fused_scores) = file.f64_tensor(path, "calibration.fused_scores", &[None])?;
-        let mut branch_scores: [Vec<f64>; 3] = Default::default();
-        for (b, slot) in Branch::ALL.iter().zip(&mut branch_scores) {
-            let name = format!("calibration.{}_scores", b.name());
-            *slot = file.f64_tensor(path, &name, &[Some(fused_scores.len())])?.1;
-        }
-        let threshold_text: String = file.meta(path, "threshold")?;
-        let threshold = match threshold_text.as_str() {
-            "none" => None,
-            // A NaN threshold would silently call every image normal.
-            t => Some(
-                t.parse()
-                    .ok()
-                    .filter(|t: &f64| t.is_finite())
-                    .ok_or_else(|| {
-                        inconsistent(format!("threshold `{t}` is not a finite number"))
-                    })?,
-            ),
-        };
-        let calibration = Calibration {
-            fused_scores,
-            branch_scores,
-            map_normal_max: file.meta(path, "map_normal_max")?,
-            threshold,
-        };
+        let calibration = get_calibration(file, path, &config)?;
         let weights_json: String = file.meta(path, "weights")?;
         let provenance = Provenance {
             dataset: file.meta(path, "dataset")?,
@@ -329,6 +271,110 @@ impl Detector {
             provenance,
         })
     }
+}
+
+/// Held-out scores as `(rows, n)` tables, map quantile tables per branch.
+fn put_calibration(t: &mut BTreeMap<String, StoredTensor>, c: &Calibration) {
+    let table = |rows: &[Vec<f64>]| {
+        let n = rows.first().map_or(0, Vec::len);
+        let flat: Vec<f64> = rows.iter().flatten().copied().collect();
+        StoredTensor::from_f64(vec![rows.len(), n], &flat)
+    };
+    t.insert("calibration.branch_scores".into(), table(&c.branch_scores));
+    t.insert("calibration.map_max".into(), table(&c.map_max));
+    t.insert("calibration.fused_scores".into(), table(&c.fused_scores));
+    if let Some(fusion) = &c.fusion {
+        for (b, map) in Branch::ALL.iter().zip(&fusion.maps) {
+            let name = format!("calibration.{}_map_quantiles", b.name());
+            t.insert(
+                name,
+                StoredTensor::from_f32(vec![map.quantiles.len()], &map.quantiles),
+            );
+        }
+    }
+}
+
+fn get_calibration(
+    file: &ModelFile,
+    path: &str,
+    config: &Config,
+) -> Result<Calibration, DetectorError> {
+    let table = |name: &str, rows: usize| -> Result<Vec<Vec<f64>>, DetectorError> {
+        let (shape, flat) = file.f64_tensor(path, name, &[Some(rows), None])?;
+        Ok((0..rows)
+            .map(|r| flat[r * shape[1]..(r + 1) * shape[1]].to_vec())
+            .collect())
+    };
+    let to3 = |v: Vec<Vec<f64>>| -> [Vec<f64>; 3] { [v[0].clone(), v[1].clone(), v[2].clone()] };
+    let to4 = |v: Vec<Vec<f64>>| -> [Vec<f64>; 4] {
+        [v[0].clone(), v[1].clone(), v[2].clone(), v[3].clone()]
+    };
+    let branch_scores = to3(table("calibration.branch_scores", 3)?);
+    let map_max = to4(table("calibration.map_max", 4)?);
+    let fused_scores = table(
+        "calibration.fused_scores",
+        FusionRule::ALL.len() * IMAGE_SCORE_RULES.len(),
+    )?;
+
+    let n = branch_scores[0].len();
+    let fusion = if n == 0 {
+        None
+    } else {
+        let mut maps = Vec::with_capacity(3);
+        for b in Branch::ALL {
+            let name = format!("calibration.{}_map_quantiles", b.name());
+            let (_, quantiles) = file.f32_tensor(path, &name, &[None])?;
+            if quantiles.is_empty() || quantiles.windows(2).any(|w| w[0].is_nan() || w[0] > w[1]) {
+                return Err(DetectorError::Inconsistent {
+                    path: path.into(),
+                    message: format!("{name} is not a non-decreasing table"),
+                });
+            }
+            maps.push(MapCalibration { quantiles });
+        }
+        let maps: [MapCalibration; 3] = [maps[0].clone(), maps[1].clone(), maps[2].clone()];
+        Some(FusionCalibration {
+            maps,
+            scores: [0, 1, 2].map(|i| ScoreCalibration::fit(&branch_scores[i])),
+            map_max: [0, 1, 2, 3].map(|i| ScoreCalibration::fit(&map_max[i])),
+        })
+    };
+    let rows_ok = branch_scores
+        .iter()
+        .chain(&map_max)
+        .chain(&fused_scores)
+        .all(|r| r.len() == n);
+    if !rows_ok {
+        return Err(DetectorError::Inconsistent {
+            path: path.into(),
+            message: "calibration tables disagree on the number of held-out images".into(),
+        });
+    }
+    // A NaN score would make a NaN threshold, which silently calls every image normal.
+    let all_finite = branch_scores
+        .iter()
+        .chain(&map_max)
+        .chain(&fused_scores)
+        .flatten()
+        .all(|v| v.is_finite());
+    if !all_finite {
+        return Err(DetectorError::Inconsistent {
+            path: path.into(),
+            message: "calibration tables hold a value that is not a finite number".into(),
+        });
+    }
+    let mut calibration = Calibration {
+        branch_scores,
+        map_max,
+        fused_scores,
+        fusion,
+        map_normal_max: file.meta(path, "map_normal_max")?,
+        threshold: None,
+    };
+    let quantile = config.calibration.threshold_quantile;
+    calibration.threshold =
+        calibration.threshold_for(config.fusion.rule, config.fusion.image_score, quantile);
+    Ok(calibration)
 }
 
 fn put_gaussian(t: &mut BTreeMap<String, StoredTensor>, prefix: &str, g: &Gaussian) {
@@ -352,17 +398,4 @@ fn get_gaussian(file: &ModelFile, path: &str, prefix: &str) -> Result<Gaussian, 
         path: path.into(),
         message: format!("{prefix}: {e}"),
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn quantile_interpolates_linearly() {
-        assert_eq!(quantile_of(&[], 0.5), None);
-        assert_eq!(quantile_of(&[3.0, 1.0, 2.0], 0.5), Some(2.0));
-        assert_eq!(quantile_of(&[1.0, 2.0], 0.99), Some(1.99));
-        assert_eq!(quantile_of(&[1.0, 2.0], 1.0), Some(2.0));
-    }
 }

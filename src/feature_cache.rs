@@ -31,12 +31,17 @@ impl FeatureCache {
     /// Opens (and creates) a cache folder.
     pub fn open(dir: &Path) -> std::io::Result<Self> {
         std::fs::create_dir_all(dir)?;
-        Ok(Self { dir: dir.to_path_buf() })
+        Ok(Self {
+            dir: dir.to_path_buf(),
+        })
     }
 
     fn entry(&self, stream: &str, digest: &str) -> PathBuf {
         let shard = digest.get(..2).unwrap_or("00");
-        self.dir.join(stream).join(shard).join(format!("{digest}.tok"))
+        self.dir
+            .join(stream)
+            .join(shard)
+            .join(format!("{digest}.tok"))
     }
 
     /// The cached tokens, if present and well-formed.
@@ -61,7 +66,13 @@ impl FeatureCache {
 fn encode(t: &Tokens) -> Vec<u8> {
     let mut out = Vec::with_capacity(HEADER_BYTES + 4 * (t.cls.len() + t.patches.len()));
     out.extend_from_slice(MAGIC);
-    for v in [ENTRY_VERSION, t.grid.0 as u32, t.grid.1 as u32, t.cls.len() as u32, t.patches.len() as u32] {
+    for v in [
+        ENTRY_VERSION,
+        t.grid.0 as u32,
+        t.grid.1 as u32,
+        t.cls.len() as u32,
+        t.patches.len() as u32,
+    ] {
         out.extend_from_slice(&v.to_le_bytes());
     }
     for v in t.cls.iter().chain(&t.patches) {
@@ -74,17 +85,26 @@ fn decode(bytes: &[u8]) -> Option<Tokens> {
     if bytes.len() < HEADER_BYTES || &bytes[..4] != MAGIC {
         return None;
     }
-    let word = |i: usize| u32::from_le_bytes(bytes[4 + 4 * i..8 + 4 * i].try_into().unwrap_or_default()) as usize;
+    let word = |i: usize| {
+        u32::from_le_bytes(bytes[4 + 4 * i..8 + 4 * i].try_into().unwrap_or_default()) as usize
+    };
     let (version, h, w, n_cls, n_patches) = (word(0), word(1), word(2), word(3), word(4));
     let body = &bytes[HEADER_BYTES..];
     if version != ENTRY_VERSION as usize || body.len() != 4 * (n_cls + n_patches) || h * w == 0 {
         return None;
     }
-    let values: Vec<f32> = body.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+    let values: Vec<f32> = body
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
     if n_patches % (h * w) != 0 {
         return None;
     }
-    Some(Tokens { cls: values[..n_cls].to_vec(), patches: values[n_cls..].to_vec(), grid: (h, w) })
+    Some(Tokens {
+        cls: values[..n_cls].to_vec(),
+        patches: values[n_cls..].to_vec(),
+        grid: (h, w),
+    })
 }
 
 #[cfg(test)]
@@ -92,7 +112,11 @@ mod tests {
     use super::*;
 
     fn sample() -> Tokens {
-        Tokens { cls: vec![1.0, -2.0], patches: (0..12).map(|v| v as f32 * 0.5).collect(), grid: (2, 3) }
+        Tokens {
+            cls: vec![1.0, -2.0],
+            patches: (0..12).map(|v| v as f32 * 0.5).collect(),
+            grid: (2, 3),
+        }
     }
 
     #[test]

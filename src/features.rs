@@ -173,7 +173,12 @@ impl FeatureExtractor {
             None
         } else {
             let path = locate(attribution_kind)?;
-            Some(load_vit(attribution_kind, &path, sizes.attribution, &device)?)
+            Some(load_vit(
+                attribution_kind,
+                &path,
+                sizes.attribution,
+                &device,
+            )?)
         };
         let cnn_kind = match config.texture.backbone {
             BackboneKind::WideResnet50_2 => CnnKind::WideResNet50,
@@ -277,15 +282,23 @@ impl FeatureExtractor {
 
     /// Features of decoded images (no cache).
     pub fn extract(&self, images: &[&RgbImage]) -> Result<Vec<ImageFeatures>, FeatureError> {
-        let decoded: Vec<Decoded> =
-            images.iter().map(|rgb| Decoded { rgb: (*rgb).clone(), digest: None }).collect();
+        let decoded: Vec<Decoded> = images
+            .iter()
+            .map(|rgb| Decoded {
+                rgb: (*rgb).clone(),
+                digest: None,
+            })
+            .collect();
         self.extract_decoded(&decoded.iter().collect::<Vec<_>>())
     }
 
     fn decode(&self, path: &Path) -> Result<Decoded, ImageError> {
         let bytes = read_limited(path, &self.limits)?;
         let digest = self.cache.as_ref().map(|_| hex(&Sha256::digest(&bytes)));
-        Ok(Decoded { rgb: decode_rgb(&bytes, path, &self.limits)?, digest })
+        Ok(Decoded {
+            rgb: decode_rgb(&bytes, path, &self.limits)?,
+            digest,
+        })
     }
 
     /// Features of decoded images: from the cache where possible, one batch per
@@ -308,7 +321,10 @@ impl FeatureExtractor {
             let missing: Vec<usize> = (0..images.len()).filter(|&i| found[i].is_none()).collect();
             if !missing.is_empty() {
                 let grids = grids.get_or_insert_with(|| {
-                    images.par_iter().map(|d| GridImage::from_rgb(&d.rgb, self.sizes.eval)).collect()
+                    images
+                        .par_iter()
+                        .map(|d| GridImage::from_rgb(&d.rgb, self.sizes.eval))
+                        .collect()
                 });
                 let subset: Vec<&GridImage> = missing.iter().map(|&i| &grids[i]).collect();
                 for (&i, tokens) in missing.iter().zip(self.compute(stream, &subset)?) {
@@ -327,7 +343,11 @@ impl FeatureExtractor {
             .flatten()
             .zip(attribution.into_iter().flatten())
             .zip(texture.into_iter().flatten())
-            .map(|((object, attribution), texture)| ImageFeatures { object, attribution, texture })
+            .map(|((object, attribution), texture)| ImageFeatures {
+                object,
+                attribution,
+                texture,
+            })
             .collect())
     }
 
@@ -363,8 +383,14 @@ impl FeatureExtractor {
             Stream::Attribution => (self.kinds[1], self.sizes.attribution),
             Stream::Texture => (self.kinds[2], self.sizes.texture),
         };
-        let weights = self.fingerprints.get(kind.name()).map_or("", |f| &f[..f.len().min(16)]);
-        format!("{kind}-{weights}-in{size}-grid{}-p{PREPROCESS_VERSION}", self.sizes.eval)
+        let weights = self
+            .fingerprints
+            .get(kind.name())
+            .map_or("", |f| &f[..f.len().min(16)]);
+        format!(
+            "{kind}-{weights}-in{size}-grid{}-p{PREPROCESS_VERSION}",
+            self.sizes.eval
+        )
     }
 
     fn compute(&self, stream: Stream, grids: &[&GridImage]) -> Result<Vec<Tokens>, FeatureError> {
@@ -379,7 +405,12 @@ impl FeatureExtractor {
     }
 
     /// Per image: CLS token and patch tokens.
-    fn vit_tokens(&self, vit: &Dinov2, grids: &[&GridImage], size: usize) -> Result<Vec<Tokens>, FeatureError> {
+    fn vit_tokens(
+        &self,
+        vit: &Dinov2,
+        grids: &[&GridImage],
+        size: usize,
+    ) -> Result<Vec<Tokens>, FeatureError> {
         let batch = self.batch(grids, size)?;
         let tokens = vit.forward(&batch).map_err(compute("DINOv2 forward"))?;
         let (_, n, d) = tokens.dims3().map_err(compute("DINOv2 output"))?;
@@ -390,7 +421,11 @@ impl FeatureExtractor {
         let side = size / crate::config::VIT_PATCH;
         Ok(flat
             .chunks_exact(n * d)
-            .map(|image| Tokens { cls: image[..d].to_vec(), patches: image[d..].to_vec(), grid: (side, side) })
+            .map(|image| Tokens {
+                cls: image[..d].to_vec(),
+                patches: image[d..].to_vec(),
+                grid: (side, side),
+            })
             .collect())
     }
 
@@ -410,22 +445,45 @@ impl FeatureExtractor {
         Ok((0..b)
             .map(|i| {
                 let (patches, grid) = patch_features(
-                    FeatureMap { data: &s8[i * n8..(i + 1) * n8], channels: c8, height: h8, width: w8 },
-                    FeatureMap { data: &s16[i * n16..(i + 1) * n16], channels: c16, height: h16, width: w16 },
+                    FeatureMap {
+                        data: &s8[i * n8..(i + 1) * n8],
+                        channels: c8,
+                        height: h8,
+                        width: w8,
+                    },
+                    FeatureMap {
+                        data: &s16[i * n16..(i + 1) * n16],
+                        channels: c16,
+                        height: h16,
+                        width: w16,
+                    },
                 );
-                Tokens { cls: Vec::new(), patches, grid }
+                Tokens {
+                    cls: Vec::new(),
+                    patches,
+                    grid,
+                }
             })
             .collect())
     }
 
     /// `(B, 3, size, size)` normalised inputs.
     fn batch(&self, grids: &[&GridImage], size: usize) -> Result<Tensor, FeatureError> {
-        let data: Vec<f32> = grids.par_iter().flat_map_iter(|g| g.branch_input(size)).collect();
-        Tensor::from_vec(data, (grids.len(), 3, size, size), &self.device).map_err(compute("input batch"))
+        let data: Vec<f32> = grids
+            .par_iter()
+            .flat_map_iter(|g| g.branch_input(size))
+            .collect();
+        Tensor::from_vec(data, (grids.len(), 3, size, size), &self.device)
+            .map_err(compute("input batch"))
     }
 }
 
-fn load_vit(kind: BackboneKind, path: &Path, size: usize, device: &Device) -> Result<Dinov2, FeatureError> {
+fn load_vit(
+    kind: BackboneKind,
+    path: &Path,
+    size: usize,
+    device: &Device,
+) -> Result<Dinov2, FeatureError> {
     let cfg = match kind {
         BackboneKind::Dinov2Vitb14 => Dinov2Config::vit_base(),
         _ => Dinov2Config::vit_small(),

@@ -13,10 +13,10 @@ use crate::branch::BranchError;
 use crate::branch::attribution::AttributionBranch;
 use crate::branch::object::ObjectBranch;
 use crate::branch::texture::TextureBranch;
+use crate::calibration::Calibration;
 use crate::config::{Config, MIN_CALIBRATION_IMAGES, MIN_FIT_IMAGES};
-use crate::detector::{Calibration, Detector, Provenance};
+use crate::detector::{Detector, Provenance};
 use crate::features::{FeatureError, FeatureExtractor, ImageFeatures};
-use crate::fusion::Branch;
 use crate::progress::Progress;
 use crate::rng::SplitMix64;
 
@@ -156,7 +156,7 @@ pub fn fit(
         object,
         attribution,
         texture,
-        calibration: Calibration::from_scores(vec![], Default::default(), 0.0, 1.0),
+        calibration: Calibration::measure(&[], &config.fusion, 1.0),
         provenance: Provenance {
             dataset: dataset.to_string(),
             n_fit_images: split.fit.len(),
@@ -170,32 +170,21 @@ pub fn fit(
     Ok(detector)
 }
 
-/// Scores the held-out normal images and sets the threshold from them.
+/// Scores the held-out normal images and measures the calibration on them.
 fn calibrate(
     detector: &Detector,
     extractor: &FeatureExtractor,
     images: &[PathBuf],
     progress: &dyn Progress,
 ) -> Result<Calibration, FitError> {
-    let mut fused = Vec::new();
-    let mut branch_scores: [Vec<f64>; 3] = Default::default();
-    let mut map_max = 0.0f32;
+    let mut outputs = Vec::with_capacity(images.len());
     extractor.for_each_image::<FitError>(images, "calibrating", progress, |_, item| {
-        let verdict = detector.score(&item?.features)?;
-        fused.push(verdict.fused.score);
-        for (b, scores) in Branch::ALL.iter().zip(&mut branch_scores) {
-            scores.push(verdict.branches.get(*b).score);
-        }
-        map_max = map_max.max(verdict.fused.map.max());
+        outputs.push(detector.score(&item?.features)?.branches);
         Ok(())
     })?;
-    let quantile = detector.config.calibration.threshold_quantile;
-    Ok(Calibration::from_scores(
-        fused,
-        branch_scores,
-        map_max,
-        quantile,
-    ))
+    let config = &detector.config;
+    let quantile = config.calibration.threshold_quantile;
+    Ok(Calibration::measure(&outputs, &config.fusion, quantile))
 }
 
 #[cfg(test)]

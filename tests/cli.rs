@@ -36,6 +36,15 @@ fn fit_predict_eval_on_real_images() {
         let score = line["score"].as_f64().expect("a score");
         assert!(score.is_finite() && score >= 0.0, "{line}");
         assert!(line["anomalous"].is_boolean(), "{line}");
+        let driver = line["driver"].as_str().unwrap_or("");
+        assert!(
+            ["object", "attribution", "texture"].contains(&driver),
+            "{line}"
+        );
+        assert!(
+            line["texture_z"].as_f64().is_some_and(f64::is_finite),
+            "{line}"
+        );
         let heat = image::open(preds.join(line["heatmap"].as_str().unwrap())).unwrap();
         let original = image::open(line["image"].as_str().unwrap()).unwrap();
         assert_eq!(
@@ -56,18 +65,40 @@ fn fit_predict_eval_on_real_images() {
         data.to_str().unwrap(),
         "--json",
         json.to_str().unwrap(),
+        "--rules",
+        "--ablation",
     ]);
     assert!(out.status.success(), "eval failed: {}", text(&out));
     let metrics: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     assert_eq!(metrics["n_test_images"], 6);
     assert_eq!(metrics["dataset"], "mini_belt");
+    let unit = |v: &serde_json::Value, what: &str| {
+        let x = v.as_f64().unwrap_or(-1.0);
+        assert!((0.0..=1.0).contains(&x), "{what} = {x}");
+    };
     for output in ["fused", "object", "attribution", "texture"] {
         for metric in ["image_auroc", "pixel_auroc", "aupro_0_3"] {
-            let v = metrics[output][metric].as_f64().unwrap_or(-1.0);
-            assert!((0.0..=1.0).contains(&v), "{output}.{metric} = {v}");
+            unit(&metrics[output][metric], &format!("{output}.{metric}"));
         }
     }
+    let rules = metrics["rules"].as_array().expect("rules");
+    assert_eq!(rules.len(), 8);
+    for r in rules {
+        unit(&r["pixel_auroc"], "rule pixel AUROC");
+        assert!(r["missed_but_seen_by_a_branch"].as_u64().is_some(), "{r}");
+    }
+    // The paper rule with the paper score is the model's own fused output.
+    let paper = &rules[0];
+    assert_eq!(
+        (paper["rule"].as_str(), paper["image_score"].as_str()),
+        (Some("paper"), Some("paper"))
+    );
+    assert_eq!(paper["image_auroc"], metrics["fused"]["image_auroc"]);
+    let ablation = metrics["ablation"].as_array().expect("ablation");
+    assert_eq!(ablation.len(), 7);
+    assert_eq!(ablation[6]["branches"], "object+attribution+texture");
+    assert_eq!(ablation[6]["pixel_auroc"], metrics["fused"]["pixel_auroc"]);
 }
 
 #[test]

@@ -1116,12 +1116,12 @@ fn model_cases() -> Vec<(String, Vec<u8>, &'static str)> {
         (
             "calibration_lengths_differ",
             Box::new(|f| {
-                f.tensors.insert(
-                    "calibration.texture_scores".into(),
-                    StoredTensor::from_f64(vec![1], &[0.5]),
-                );
+                let rows = f.tensors["calibration.map_max"].shape[0];
+                let values = vec![0.5; rows];
+                let table = StoredTensor::from_f64(vec![rows, 1], &values);
+                f.tensors.insert("calibration.map_max".into(), table);
             }),
-            "calibration.texture_scores",
+            "calibration tables disagree",
         ),
         (
             "nan_in_whitening",
@@ -1166,18 +1166,21 @@ fn model_cases() -> Vec<(String, Vec<u8>, &'static str)> {
             "metadata `config`",
         ),
         (
-            "threshold_not_a_number",
+            "map_normal_max_not_a_number",
             Box::new(|f| {
-                f.metadata.insert("threshold".into(), "high".into());
+                f.metadata.insert("map_normal_max".into(), "high".into());
             }),
-            "threshold",
+            "map_normal_max",
         ),
         (
-            "threshold_nan",
-            Box::new(|f| {
-                f.metadata.insert("threshold".into(), "NaN".into());
-            }),
-            "threshold",
+            "nan_in_fused_calibration_scores",
+            Box::new(|f| set_f64(f, "calibration.fused_scores", |v| v[0] = f64::NAN)),
+            "not a finite number",
+        ),
+        (
+            "inf_in_branch_calibration_scores",
+            Box::new(|f| set_f64(f, "calibration.branch_scores", |v| v[1] = f64::INFINITY)),
+            "not a finite number",
         ),
         (
             "n_fit_images_negative",

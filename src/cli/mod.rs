@@ -12,6 +12,7 @@
 //!   images; nothing half-written is left at an output path. A second
 //!   signal ends the process at once.
 
+mod config;
 mod eval;
 mod fit;
 mod predict;
@@ -72,6 +73,7 @@ enum Command {
     Predict(predict::PredictArgs),
     Eval(eval::EvalArgs),
     Run(run::RunArgs),
+    Config(config::ConfigCmdArgs),
 }
 
 /// Options for loading backbones.
@@ -188,6 +190,7 @@ pub fn main() -> ExitCode {
         Command::Predict(args) => predict::run(args, &bars),
         Command::Eval(args) => eval::run(args, &bars),
         Command::Run(args) => run::run(args, &bars),
+        Command::Config(args) => config::run(args),
     };
     match outcome {
         Ok(code) => code,

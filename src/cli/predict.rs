@@ -55,7 +55,7 @@ pub struct PredictArgs {
 }
 
 /// One line of the score files.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Default, Serialize)]
 pub struct ScoreLine {
     pub image: String,
     pub score: Option<f64>,
@@ -64,6 +64,12 @@ pub struct ScoreLine {
     pub object_score: Option<f64>,
     pub attribution_score: Option<f64>,
     pub texture_score: Option<f64>,
+    /// Each branch's robust z-score against held-out normal images.
+    pub object_z: Option<f64>,
+    pub attribution_z: Option<f64>,
+    pub texture_z: Option<f64>,
+    /// The branch that finds the image most unusual (largest z-score).
+    pub driver: Option<String>,
     pub heatmap: Option<String>,
     pub overlay: Option<String>,
     pub error: Option<String>,
@@ -72,7 +78,8 @@ pub struct ScoreLine {
 /// Default of `--max-images`.
 pub const DEFAULT_MAX_IMAGES: usize = 100_000;
 
-const CSV_HEADER: &str = "image,score,anomalous,threshold,object_score,attribution_score,texture_score,heatmap,overlay,error";
+const CSV_HEADER: &str = "image,score,anomalous,threshold,object_score,attribution_score,texture_score,\
+object_z,attribution_z,texture_z,driver,heatmap,overlay,error";
 
 pub fn run(args: &PredictArgs, progress: &dyn Progress) -> anyhow::Result<ExitCode> {
     let images = expand_inputs(&args.inputs)?;
@@ -202,6 +209,11 @@ fn scored_line(
     files: Option<(String, String)>,
 ) -> ScoreLine {
     let (heatmap, overlay) = files.unzip();
+    let z = detector.branch_contributions(&v.branches);
+    let driver = z.map(|z| {
+        let best = (0..3).max_by(|&a, &b| z[a].total_cmp(&z[b])).unwrap_or(0);
+        Branch::ALL[best].name().to_string()
+    });
     ScoreLine {
         image: path.display().to_string(),
         score: Some(v.fused.score),
@@ -210,6 +222,10 @@ fn scored_line(
         object_score: Some(v.branches.object.score),
         attribution_score: Some(v.branches.attribution.score),
         texture_score: Some(v.branches.texture.score),
+        object_z: z.map(|z| z[0]),
+        attribution_z: z.map(|z| z[1]),
+        texture_z: z.map(|z| z[2]),
+        driver,
         heatmap,
         overlay,
         error: None,
@@ -219,15 +235,8 @@ fn scored_line(
 fn error_line(path: &Path, error: &str) -> ScoreLine {
     ScoreLine {
         image: path.display().to_string(),
-        score: None,
-        anomalous: None,
-        threshold: None,
-        object_score: None,
-        attribution_score: None,
-        texture_score: None,
-        heatmap: None,
-        overlay: None,
         error: Some(error.to_string()),
+        ..ScoreLine::default()
     }
 }
 
@@ -260,7 +269,12 @@ fn write_branch_maps(
     verdict: &ImageVerdict,
 ) -> anyhow::Result<()> {
     for branch in Branch::ALL {
-        let map = verdict.branches.get(branch).map.clone().min_max_normalised();
+        let map = verdict
+            .branches
+            .get(branch)
+            .map
+            .clone()
+            .min_max_normalised();
         let heat = heatmap(&map, rgb.width(), rgb.height(), DisplayScale { high: 1.0 });
         let path = out.join(format!("branches/{name}_{branch}.png"));
         write_atomic(&path, &png_bytes(&overlay(rgb, &heat))?)
@@ -318,6 +332,10 @@ fn csv_row(l: &ScoreLine) -> String {
         num(l.object_score),
         num(l.attribution_score),
         num(l.texture_score),
+        num(l.object_z),
+        num(l.attribution_z),
+        num(l.texture_z),
+        csv_field(l.driver.as_deref().unwrap_or("")),
         csv_field(l.heatmap.as_deref().unwrap_or("")),
         csv_field(l.overlay.as_deref().unwrap_or("")),
         csv_field(l.error.as_deref().unwrap_or("")),

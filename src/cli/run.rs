@@ -10,7 +10,7 @@ use beltad::dataset::{self, TestSample};
 use beltad::evaluate::evaluate;
 use beltad::progress::Progress;
 
-use super::eval::{print_table, write_json, write_scores_csv};
+use super::eval::{ExtraArgs, print_table, write_json, write_scores_csv};
 use super::fit::{fit_and_save, print_summary};
 use super::predict::{Pictures, predict};
 use super::{BackboneArgs, ConfigArgs, load_model};
@@ -32,6 +32,8 @@ pub struct RunArgs {
     #[arg(long, default_value_t = 3, value_name = "N")]
     heatmaps_per_class: usize,
     #[command(flatten)]
+    extra: ExtraArgs,
+    #[command(flatten)]
     config: ConfigArgs,
     #[command(flatten)]
     backbones: BackboneArgs,
@@ -51,15 +53,25 @@ pub fn run(args: &RunArgs, progress: &dyn Progress) -> anyhow::Result<ExitCode> 
         &extractor,
         &args.data,
         &args.backbones.limits(),
+        args.extra.options(),
         progress,
     )?;
     print_table(&evaluation);
+    args.extra
+        .write_report(&evaluation, &detector, &args.backbones.limits())?;
     write_json(&evaluation, &args.out.join("metrics.json"))?;
     write_scores_csv(&evaluation, &args.out.join("scores.csv"))?;
 
     let sample = sample_per_class(&samples, args.heatmaps_per_class);
     let pictures = args.out.join("pictures");
-    predict(&detector, &extractor, &sample, &pictures, Pictures::WithBranches, progress)?;
+    predict(
+        &detector,
+        &extractor,
+        &sample,
+        &pictures,
+        Pictures::WithBranches,
+        progress,
+    )?;
     println!(
         "metrics in {}, heatmaps in {}",
         args.out.join("metrics.json").display(),

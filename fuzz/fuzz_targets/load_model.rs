@@ -14,12 +14,16 @@
 
 use std::sync::OnceLock;
 
+use beltad::anomaly_map::AnomalyMap;
+use beltad::branch::BranchOutput;
 use beltad::branch::attribution::AttributionBranch;
 use beltad::branch::object::ObjectBranch;
 use beltad::branch::texture::TextureBranch;
+use beltad::calibration::Calibration;
 use beltad::config::{Config, Preset};
-use beltad::detector::{Calibration, Detector, Provenance};
+use beltad::detector::{Detector, Provenance};
 use beltad::features::{Dims, ImageFeatures, Tokens};
+use beltad::fusion::BranchOutputs;
 use beltad::memory_bank::MemoryBank;
 use beltad::model_file::{DType, ModelFile};
 use beltad::stats::gaussian::Gaussian;
@@ -48,6 +52,27 @@ fn gaussian(dim: usize) -> Gaussian {
         whitening[i * dim + i] = 1.0 + i as f64;
     }
     Gaussian::from_parts(vec![0.5; dim], whitening, dim).expect("valid parts")
+}
+
+/// Branch outputs of three made-up held-out images.
+fn held_out_outputs() -> Vec<BranchOutputs> {
+    let output = |score: f64, level: f32| BranchOutput {
+        score,
+        map: AnomalyMap::new(
+            EVAL_SIZE,
+            EVAL_SIZE,
+            (0..EVAL_SIZE * EVAL_SIZE)
+                .map(|i| level + (i % 5) as f32 * 0.1)
+                .collect(),
+        ),
+    };
+    (0..3)
+        .map(|i| BranchOutputs {
+            object: output(1.0 + f64::from(i), 0.5),
+            attribution: output(0.2 * f64::from(i), 0.1),
+            texture: output(0.5 + 0.1 * f64::from(i), 0.3),
+        })
+        .collect()
 }
 
 fn small_model() -> ModelFile {
@@ -79,10 +104,9 @@ fn small_model() -> ModelFile {
             reweight_k: config.texture.reweight_k,
             sigma: config.texture.sigma,
         },
-        calibration: Calibration::from_scores(
-            vec![1.0, 2.0],
-            [vec![0.1, 0.2], vec![0.3, 0.4], vec![0.5, 0.6]],
-            1.5,
+        calibration: Calibration::measure(
+            &held_out_outputs(),
+            &config.fusion,
             config.calibration.threshold_quantile,
         ),
         provenance: Provenance {
@@ -107,13 +131,14 @@ fn small() -> &'static (ModelFile, Vec<u8>) {
     })
 }
 
-/// Loads `bytes` as the CLI does and scores features of the model's widths.
-fn load_and_score(bytes: &[u8]) {
+/// Loads `bytes` as the CLI does and scores features of the model's widths;
+/// whether it got as far as a score.
+fn load_and_score(bytes: &[u8]) -> bool {
     let Ok(file) = ModelFile::from_bytes(bytes, "fuzz.beltad") else {
-        return;
+        return false;
     };
     let Ok(detector) = Detector::from_model_file(&file, "fuzz.beltad") else {
-        return;
+        return false;
     };
     let dims = Dims {
         object: detector.object.cls.dim(),
@@ -121,7 +146,7 @@ fn load_and_score(bytes: &[u8]) {
         texture: detector.texture.bank.dim(),
     };
     if detector.check_dims("fuzz.beltad", &dims).is_err() {
-        return;
+        return false;
     }
     let tokens = |dim: usize, cls: bool| Tokens {
         cls: if cls { vec![0.25; dim] } else { Vec::new() },
@@ -135,10 +160,12 @@ fn load_and_score(bytes: &[u8]) {
         attribution: tokens(dims.attribution, true),
         texture: tokens(dims.texture, false),
     };
-    if let Ok(verdict) = detector.score(&features) {
-        let eval = detector.config.fusion.eval_size;
-        assert_eq!(verdict.fused.map.data.len(), eval * eval);
-    }
+    let Ok(verdict) = detector.score(&features) else {
+        return false;
+    };
+    let eval = detector.config.fusion.eval_size;
+    assert_eq!(verdict.fused.map.data.len(), eval * eval);
+    true
 }
 
 /// Mode 1: byte patches and a cut.
@@ -255,9 +282,14 @@ fuzz_target!(|data: &[u8]| {
     let Some((&mode, rest)) = data.split_first() else {
         return;
     };
-    match mode % 3 {
+    let scored = match mode % 3 {
         0 => load_and_score(rest),
         1 => load_and_score(&patched(rest)),
         _ => load_and_score(&edited(rest)),
-    }
+    };
+    // The small model itself must load and score, or the harness tests nothing.
+    assert!(
+        scored || !rest.is_empty() || mode % 3 == 0,
+        "the small model does not load"
+    );
 });

@@ -362,7 +362,11 @@ impl FeatureExtractor {
         };
         let (cls, width, grid) = match stream {
             Stream::Object => (dims.object, dims.object, Some(vit_grid(self.sizes.object))),
-            Stream::Attribution => (dims.attribution, dims.attribution, Some(vit_grid(self.sizes.attribution))),
+            Stream::Attribution => (
+                dims.attribution,
+                dims.attribution,
+                Some(vit_grid(self.sizes.attribution)),
+            ),
             Stream::Texture => (0, dims.texture, None),
         };
         let cells = tokens.grid.0 * tokens.grid.1;

@@ -60,6 +60,10 @@ fn thread_count_changes_neither_the_model_nor_the_scores() {
             models[i + 1] == models[0],
             "the model fitted with {threads} threads differs from the one with 1"
         );
-        assert_eq!(scores[i + 1], scores[0], "scores with {threads} threads differ");
+        assert_eq!(
+            scores[i + 1],
+            scores[0],
+            "scores with {threads} threads differ"
+        );
     }
 }

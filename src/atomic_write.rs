@@ -4,6 +4,12 @@
 //! A rename within one folder is atomic on POSIX file systems, so a reader
 //! (or a later run) sees either the old file or the complete new one, never a
 //! torn mix, even if the process is killed mid-write.
+//!
+//! The temporary file is `.<name>.tmp-<pid>` beside the target. A process
+//! killed outright (SIGKILL, power loss) leaves it behind; the target itself
+//! is untouched. [`remove_stale_temps`] clears such leftovers of processes
+//! that no longer run; long-lived outputs (model files, score files) call it
+//! before they write.
 
 use std::fs::File;
 use std::io::{self, Write};
@@ -26,14 +32,7 @@ pub struct AtomicFile {
 
 impl AtomicFile {
     pub fn create(target: &Path) -> io::Result<Self> {
-        let name = target
-            .file_name()
-            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"))?;
-        let temp = target.with_file_name(format!(
-            ".{}.tmp-{}",
-            name.to_string_lossy(),
-            std::process::id()
-        ));
+        let temp = target.with_file_name(format!("{}{}", temp_prefix(target)?, std::process::id()));
         let file = File::create(&temp)?;
         Ok(Self {
             target: target.to_path_buf(),
@@ -80,6 +79,53 @@ impl Drop for AtomicFile {
     }
 }
 
+/// `.<name>.tmp-`: the start of the temporary file names of `target`.
+fn temp_prefix(target: &Path) -> io::Result<String> {
+    let name = target
+        .file_name()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"))?;
+    Ok(format!(".{}.tmp-", name.to_string_lossy()))
+}
+
+/// Removes temporary files of `target` left by processes that no longer run.
+/// Best effort: errors are ignored. Only on Linux, where `/proc` tells which
+/// processes run; a file of a live process (or of a reused pid) is kept.
+pub fn remove_stale_temps(target: &Path) {
+    let (Ok(prefix), Some(dir)) = (temp_prefix(target), target.parent()) else {
+        return;
+    };
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let pid = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(&prefix))
+            .and_then(|p| p.parse::<u32>().ok());
+        if pid.is_some_and(|pid| !process_runs(pid)) {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
+/// Whether a process with this id runs; `true` where that cannot be known.
+fn process_runs(pid: u32) -> bool {
+    if pid == std::process::id() {
+        return true;
+    }
+    if cfg!(target_os = "linux") {
+        Path::new("/proc").join(pid.to_string()).exists()
+    } else {
+        true
+    }
+}
+
 /// Makes the rename itself durable; failure only weakens durability, so it is ignored.
 fn sync_parent(path: &Path) {
     if let Some(parent) = path.parent() {
@@ -117,6 +163,22 @@ mod tests {
             1,
             "temporary file left behind"
         );
+    }
+
+    #[test]
+    fn stale_temporary_files_of_dead_processes_are_removed() {
+        let dir = temp_dir("stale");
+        let path = dir.join("model.bin");
+        // No process runs with a pid above the kernel's maximum (2^22).
+        let dead = dir.join(".model.bin.tmp-4999999");
+        let live = dir.join(format!(".model.bin.tmp-{}", std::process::id()));
+        let other = dir.join(".other.bin.tmp-4999999");
+        for p in [&dead, &live, &other] {
+            std::fs::write(p, b"partial").unwrap();
+        }
+        remove_stale_temps(&path);
+        assert_eq!(dead.exists(), !cfg!(target_os = "linux"));
+        assert!(live.exists() && other.exists());
     }
 
     #[test]

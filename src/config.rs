@@ -322,11 +322,19 @@ impl Config {
 
     /// Reads and validates a TOML config file.
     pub fn from_file(path: &Path, fallback: Preset) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+        let read_err = |e: std::io::Error| ConfigError::Read {
             path: path.display().to_string(),
             message: e.to_string(),
-        })?;
-        Self::from_toml(&text, fallback)
+        };
+        // A device such as `/dev/zero` would be read forever.
+        if !std::fs::metadata(path).map_err(read_err)?.is_file() {
+            return Err(read_err(std::io::Error::other("not a regular file")));
+        }
+        let text = std::fs::read_to_string(path).map_err(read_err)?;
+        Self::from_toml(&text, fallback).map_err(|e| ConfigError::InFile {
+            path: path.display().to_string(),
+            error: Box::new(e),
+        })
     }
 
     /// TOML text of this config (every field written out).
@@ -513,6 +521,12 @@ pub enum ConfigError {
     Read { path: String, message: String },
     #[error("invalid config: {message}")]
     Toml { message: String },
+    /// Any other error, in the config file `path`.
+    #[error("{path}: {error}")]
+    InFile {
+        path: String,
+        error: Box<ConfigError>,
+    },
     #[error("{branch}.backbone = {kind} is not {want}")]
     Backbone {
         branch: &'static str,
@@ -614,6 +628,23 @@ mod tests {
             Config::from_toml("[texture]\ninput_size = -5\n", Preset::Default),
             Err(ConfigError::Toml { .. })
         ));
+    }
+
+    #[test]
+    fn file_errors_name_the_file() {
+        let path = std::env::temp_dir().join(format!("beltad-bad-{}.toml", std::process::id()));
+        std::fs::write(&path, "[object]\ntau = -1.0\n").unwrap();
+        let err = Config::from_file(&path, Preset::Default).unwrap_err();
+        assert!(
+            matches!(&err, ConfigError::InFile { error, .. } if **error == ConfigError::Tau(-1.0)),
+            "{err}"
+        );
+        assert!(
+            err.to_string().starts_with(&path.display().to_string()),
+            "{err}"
+        );
+        let err = Config::from_file(Path::new("/dev/zero"), Preset::Default).unwrap_err();
+        assert!(err.to_string().contains("not a regular file"), "{err}");
     }
 
     #[test]

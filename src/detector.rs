@@ -362,6 +362,19 @@ fn get_calibration(
             message: "calibration tables disagree on the number of held-out images".into(),
         });
     }
+    // A NaN score would make a NaN threshold, which silently calls every image normal.
+    let all_finite = branch_scores
+        .iter()
+        .chain(&map_max)
+        .chain(&fused_scores)
+        .flatten()
+        .all(|v| v.is_finite());
+    if !all_finite {
+        return Err(DetectorError::Inconsistent {
+            path: path.into(),
+            message: "calibration tables hold a value that is not a finite number".into(),
+        });
+    }
     let mut calibration = Calibration {
         branch_scores,
         map_max,

@@ -13,6 +13,8 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use candle_core::{Device, Tensor};
 use image::RgbImage;
@@ -51,6 +53,9 @@ pub enum FeatureError {
         #[source]
         source: candle_core::Error,
     },
+    /// The stop flag was raised (Ctrl-C in the CLI).
+    #[error("interrupted")]
+    Interrupted,
 }
 
 fn compute(stage: &'static str) -> impl FnOnce(candle_core::Error) -> FeatureError {
@@ -131,6 +136,8 @@ pub struct FeatureExtractor {
     limits: DecodeLimits,
     batch_size: usize,
     cache: Option<FeatureCache>,
+    /// Checked between batches; when set, the run stops with [`FeatureError::Interrupted`].
+    stop: Option<Arc<AtomicBool>>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -190,6 +197,7 @@ impl FeatureExtractor {
             limits: DecodeLimits::default(),
             batch_size: DEFAULT_BATCH_SIZE,
             cache: None,
+            stop: None,
         })
     }
 
@@ -211,6 +219,19 @@ impl FeatureExtractor {
         self
     }
 
+    /// A flag that stops [`FeatureExtractor::for_each_image`] between batches.
+    pub fn with_stop_flag(mut self, stop: Arc<AtomicBool>) -> Self {
+        self.stop = Some(stop);
+        self
+    }
+
+    fn check_stop(&self) -> Result<(), FeatureError> {
+        match &self.stop {
+            Some(stop) if stop.load(Ordering::SeqCst) => Err(FeatureError::Interrupted),
+            _ => Ok(()),
+        }
+    }
+
     /// SHA-256 of each loaded weights file, by backbone name.
     pub fn fingerprints(&self) -> &BTreeMap<String, String> {
         &self.fingerprints
@@ -227,7 +248,8 @@ impl FeatureExtractor {
     }
 
     /// Runs `f` on every image in order, with progress. An image that cannot
-    /// be read reaches `f` as its error; a failed forward pass stops the run.
+    /// be read reaches `f` as its error; a failed forward pass or a raised
+    /// stop flag (checked before every batch and at the end) stops the run.
     pub fn for_each_image<E: From<FeatureError>>(
         &self,
         paths: &[PathBuf],
@@ -237,6 +259,7 @@ impl FeatureExtractor {
     ) -> Result<(), E> {
         progress.start(stage, paths.len() as u64);
         for chunk in paths.chunks(self.batch_size) {
+            self.check_stop()?;
             let decoded: Vec<Result<Decoded, ImageError>> =
                 chunk.par_iter().map(|p| self.decode(p)).collect();
             let good: Vec<&Decoded> = decoded.iter().filter_map(|r| r.as_ref().ok()).collect();
@@ -252,6 +275,7 @@ impl FeatureExtractor {
             }
             progress.advance(chunk.len() as u64);
         }
+        self.check_stop()?;
         progress.finish();
         Ok(())
     }
@@ -292,6 +316,7 @@ impl FeatureExtractor {
                 .iter()
                 .map(|d| Some((self.cache.as_ref()?, d.digest.as_deref()?)))
                 .map(|hit| hit.and_then(|(cache, digest)| cache.load(&key, digest)))
+                .map(|tokens| tokens.filter(|t| self.fits_stream(stream, t)))
                 .collect();
             let missing: Vec<usize> = (0..images.len()).filter(|&i| found[i].is_none()).collect();
             if !missing.is_empty() {
@@ -324,6 +349,30 @@ impl FeatureExtractor {
                 texture,
             })
             .collect())
+    }
+
+    /// Whether cached tokens have the widths this stream computes; an entry
+    /// that does not (edited, or damaged in a way that still parses) is
+    /// recomputed rather than handed to the branches.
+    fn fits_stream(&self, stream: Stream, tokens: &Tokens) -> bool {
+        let dims = self.dims();
+        let vit_grid = |size: usize| {
+            let side = size / crate::config::VIT_PATCH;
+            (side, side)
+        };
+        let (cls, width, grid) = match stream {
+            Stream::Object => (dims.object, dims.object, Some(vit_grid(self.sizes.object))),
+            Stream::Attribution => (
+                dims.attribution,
+                dims.attribution,
+                Some(vit_grid(self.sizes.attribution)),
+            ),
+            Stream::Texture => (0, dims.texture, None),
+        };
+        let cells = tokens.grid.0 * tokens.grid.1;
+        tokens.cls.len() == cls
+            && tokens.patches.len() == cells * width
+            && grid.is_none_or(|g| g == tokens.grid)
     }
 
     /// Whether the attribution branch reuses the object branch's forward pass.

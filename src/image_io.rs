@@ -143,6 +143,10 @@ pub fn read_limited(path: &Path, limits: &DecodeLimits) -> Result<Vec<u8>, Image
         path: path.to_path_buf(),
         source,
     };
+    // Opening a pipe blocks and a device never ends: only regular files are read.
+    if !std::fs::metadata(path).map_err(read_err)?.is_file() {
+        return Err(read_err(std::io::Error::other("not a regular file")));
+    }
     let file = File::open(path).map_err(read_err)?;
     let len = file.metadata().map_err(read_err)?.len();
     if len == 0 {
@@ -174,7 +178,8 @@ fn decode(bytes: &[u8], path: &Path, limits: &DecodeLimits) -> Result<DynamicIma
     }
     let decode_err = |e: &dyn std::fmt::Display| ImageError::Decode {
         path: path.to_path_buf(),
-        message: e.to_string(),
+        // Some decoders end their messages with a newline; errors are one line.
+        message: e.to_string().trim().replace('\n', " "),
     };
     let reader = || ImageReader::new(Cursor::new(bytes)).with_guessed_format();
     let (width, height) = reader()
@@ -354,6 +359,30 @@ mod tests {
                 matches!(err, ImageError::Decode { .. }),
                 "kept {keep}: {err}"
             );
+        }
+    }
+
+    #[test]
+    fn decode_errors_are_one_line() {
+        let full = jpeg_bytes();
+        for keep in [full.len() / 2, 200, 30] {
+            let path = temp_file("one-line.jpg", &full[..keep]);
+            let err = load_rgb(&path, &DecodeLimits::default())
+                .unwrap_err()
+                .to_string();
+            assert!(
+                !err.contains('\n') && err == err.trim(),
+                "kept {keep}: {err:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn devices_and_folders_are_not_read() {
+        for path in ["/dev/zero", "/"] {
+            let err = load_rgb(Path::new(path), &DecodeLimits::default()).unwrap_err();
+            assert!(matches!(err, ImageError::Read { .. }), "{path}: {err}");
+            assert!(err.to_string().contains("not a regular file"), "{err}");
         }
     }
 

@@ -16,7 +16,7 @@ use std::path::Path;
 use sha2::{Digest, Sha256};
 use thiserror::Error;
 
-use crate::atomic_write::write_atomic;
+use crate::atomic_write::{remove_stale_temps, write_atomic};
 
 /// Value of the `format` metadata key.
 pub const FORMAT: &str = "beltad-model";
@@ -162,8 +162,10 @@ impl ModelFile {
         out
     }
 
-    /// Writes the file atomically.
+    /// Writes the file atomically (clearing temporary files of earlier,
+    /// killed writers first).
     pub fn save(&self, path: &Path) -> Result<(), ModelFileError> {
+        remove_stale_temps(path);
         write_atomic(path, &self.to_bytes()).map_err(|source| ModelFileError::Write {
             path: path.display().to_string(),
             source,
@@ -173,10 +175,15 @@ impl ModelFile {
     /// Reads a file, checking format, version and checksum.
     pub fn load(path: &Path) -> Result<Self, ModelFileError> {
         let shown = path.display().to_string();
-        let bytes = std::fs::read(path).map_err(|source| ModelFileError::Read {
+        let read_err = |source| ModelFileError::Read {
             path: shown.clone(),
             source,
-        })?;
+        };
+        // A device or pipe could be read forever (`/dev/zero`): refuse it first.
+        if !std::fs::metadata(path).map_err(read_err)?.is_file() {
+            return Err(read_err(std::io::Error::other("not a regular file")));
+        }
+        let bytes = std::fs::read(path).map_err(read_err)?;
         Self::from_bytes(&bytes, &shown)
     }
 

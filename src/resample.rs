@@ -87,9 +87,16 @@ pub fn axis_taps(in_len: usize, out_len: usize, filter: Filter) -> Vec<Taps> {
         .collect()
 }
 
+/// How much larger than input and output together the rows-first
+/// intermediate may grow before the columns are resampled first instead.
+const MAX_INTERMEDIATE_RATIO: usize = 4;
+
 /// Resizes interleaved `(in_h, in_w, channels)` data to `(out_h, out_w, channels)`.
 ///
-/// Rows are resampled first, then columns, as PyTorch does.
+/// Rows are resampled first, then columns, as PyTorch does; except for an
+/// extreme sliver (say 1×16,000,000 px), whose rows-first intermediate
+/// `(in_h, out_w)` would need far more memory than the image itself: there
+/// the columns go first (the result differs only by float rounding).
 pub fn resize(
     src: &[f32],
     (in_h, in_w): (usize, usize),
@@ -105,11 +112,27 @@ pub fn resize(
     if (in_h, in_w) == (out_h, out_w) {
         return src.to_vec();
     }
+    let rows_first = in_h.saturating_mul(out_w);
+    let bound = MAX_INTERMEDIATE_RATIO.saturating_mul(in_h * in_w + out_h * out_w);
+    if rows_first > bound && out_h * in_w < rows_first {
+        let tall = resample_columns(src, (in_h, in_w), channels, out_h, filter);
+        return resample_rows(&tall, (out_h, in_w), channels, out_w, filter);
+    }
+    let wide = resample_rows(src, (in_h, in_w), channels, out_w, filter);
+    resample_columns(&wide, (in_h, out_w), channels, out_h, filter)
+}
 
-    // Horizontal pass: (in_h, in_w, C) -> (in_h, out_w, C).
+/// Horizontal pass: `(h, in_w, C)` to `(h, out_w, C)`.
+fn resample_rows(
+    src: &[f32],
+    (h, in_w): (usize, usize),
+    channels: usize,
+    out_w: usize,
+    filter: Filter,
+) -> Vec<f32> {
     let x_taps = axis_taps(in_w, out_w, filter);
-    let mut wide = vec![0.0f32; in_h * out_w * channels];
-    for y in 0..in_h {
+    let mut wide = vec![0.0f32; h * out_w * channels];
+    for y in 0..h {
         let row = &src[y * in_w * channels..(y + 1) * in_w * channels];
         let out_row = &mut wide[y * out_w * channels..(y + 1) * out_w * channels];
         for (x, taps) in x_taps.iter().enumerate() {
@@ -122,15 +145,24 @@ pub fn resize(
             }
         }
     }
+    wide
+}
 
-    // Vertical pass: (in_h, out_w, C) -> (out_h, out_w, C).
+/// Vertical pass: `(in_h, w, C)` to `(out_h, w, C)`.
+fn resample_columns(
+    src: &[f32],
+    (in_h, w): (usize, usize),
+    channels: usize,
+    out_h: usize,
+    filter: Filter,
+) -> Vec<f32> {
     let y_taps = axis_taps(in_h, out_h, filter);
-    let stride = out_w * channels;
+    let stride = w * channels;
     let mut out = vec![0.0f32; out_h * stride];
     for (y, taps) in y_taps.iter().enumerate() {
         let out_row = &mut out[y * stride..(y + 1) * stride];
         for (k, &w) in taps.weights.iter().enumerate() {
-            let in_row = &wide[(taps.start + k) * stride..(taps.start + k + 1) * stride];
+            let in_row = &src[(taps.start + k) * stride..(taps.start + k + 1) * stride];
             for (o, &v) in out_row.iter_mut().zip(in_row) {
                 *o += w * v;
             }
@@ -187,6 +219,34 @@ mod tests {
         let out = resize(&src, (5, 7), 2, (11, 3), Filter::Bicubic);
         for px in out.chunks(2) {
             assert!((px[0] - 2.0).abs() < 1e-5 && (px[1] + 3.0).abs() < 1e-5);
+        }
+    }
+
+    #[test]
+    fn a_sliver_is_resized_columns_first_without_a_huge_intermediate() {
+        // Rows first would need 4,000,000 × 406 × 3 floats (19 GB).
+        let n = 4_000_000;
+        let src: Vec<f32> = (0..n).flat_map(|i| [(i % 2) as f32, 1.0, 0.0]).collect();
+        let out = resize(&src, (n, 1), 3, (406, 406), Filter::Bicubic);
+        assert_eq!(out.len(), 406 * 406 * 3);
+        for px in out.chunks(3) {
+            assert!(
+                (px[0] - 0.5).abs() < 1e-3 && (px[1] - 1.0).abs() < 1e-5,
+                "{px:?}"
+            );
+        }
+        // Both orders agree up to rounding where both are affordable.
+        let src: Vec<f32> = (0..3 * 900).map(|i| (i % 17) as f32).collect();
+        let rows = resample_columns(
+            &resample_rows(&src, (900, 3), 1, 20, Filter::Bicubic),
+            (900, 20),
+            1,
+            20,
+            Filter::Bicubic,
+        );
+        let columns = resize(&src, (900, 3), 1, (20, 20), Filter::Bicubic);
+        for (a, b) in rows.iter().zip(&columns) {
+            assert!((a - b).abs() < 1e-4, "{a} {b}");
         }
     }
 

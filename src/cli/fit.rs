@@ -9,7 +9,7 @@ use beltad::dataset;
 use beltad::detector::Detector;
 use beltad::progress::Progress;
 
-use super::{BackboneArgs, ConfigArgs, create_dir};
+use super::{BackboneArgs, ConfigArgs, create_dir, stop_requested};
 
 /// Fit a detector on normal images and write one model file.
 ///
@@ -62,6 +62,8 @@ pub fn fit_and_save(
     let started = std::time::Instant::now();
     let detector = beltad::fit::fit(&config, &extractor, &images, &dataset::name(data), progress)?;
     let seconds = started.elapsed().as_secs_f64();
+    // Ctrl-C while the branches were fitted (no image batch since): no model.
+    anyhow::ensure!(!stop_requested(), "interrupted");
     detector.to_model_file().save(model)?;
     Ok((detector, seconds))
 }

@@ -7,7 +7,10 @@
 //!   one-line message naming the file and the problem on stderr;
 //! - 2: invalid command-line usage;
 //! - 3: `predict` finished but some images could not be read (each is listed
-//!   in the scores files with its error).
+//!   in the scores files with its error);
+//! - 130: stopped by Ctrl-C (SIGINT) or SIGTERM before the next batch of
+//!   images; nothing half-written is left at an output path. A second
+//!   signal ends the process at once.
 
 mod config;
 mod eval;
@@ -19,6 +22,8 @@ mod sweep;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use anyhow::Context;
 use clap::builder::TypedValueParser;
@@ -34,6 +39,8 @@ use beltad::weights::WeightsSearch;
 
 /// Exit code when some images of a predict run could not be read.
 pub const EXIT_PARTIAL: u8 = 3;
+/// Exit code after Ctrl-C (128 + SIGINT, the shell's convention).
+pub const EXIT_INTERRUPTED: u8 = 130;
 
 /// Unsupervised anomaly detection and localisation for conveyor-belt camera
 /// images.
@@ -120,6 +127,7 @@ impl BackboneArgs {
         let search = WeightsSearch::new(self.weights.as_deref());
         let mut extractor = FeatureExtractor::load(config, &search)?
             .with_batch_size(self.batch_size)
+            .with_stop_flag(stop_flag())
             .with_limits(self.limits());
         if let Some(dir) = &self.cache {
             let cache = FeatureCache::open(dir)
@@ -185,6 +193,7 @@ pub fn main() -> ExitCode {
         }
     };
     init_logging(cli.verbose);
+    install_stop_handlers();
     if let Some(Err(e)) = cli.threads.map(set_threads) {
         eprintln!("error: {e:#}");
         return ExitCode::from(2);
@@ -200,6 +209,10 @@ pub fn main() -> ExitCode {
     };
     match outcome {
         Ok(code) => code,
+        Err(_) if stop_requested() => {
+            eprintln!("error: interrupted");
+            ExitCode::from(EXIT_INTERRUPTED)
+        }
         Err(e) => {
             eprintln!("error: {}", one_line(&e));
             ExitCode::FAILURE
@@ -221,6 +234,30 @@ fn one_line(e: &anyhow::Error) -> String {
         }
     }
     line.replace('\n', " ")
+}
+
+/// Raised by Ctrl-C or SIGTERM; feature extraction stops before its next batch.
+fn stop_flag() -> Arc<AtomicBool> {
+    static STOP: OnceLock<Arc<AtomicBool>> = OnceLock::new();
+    STOP.get_or_init(Arc::default).clone()
+}
+
+/// Whether Ctrl-C or SIGTERM has asked the run to stop.
+pub fn stop_requested() -> bool {
+    stop_flag().load(Ordering::SeqCst)
+}
+
+/// The first SIGINT or SIGTERM raises the stop flag; a second one ends the
+/// process at once (its temporary files may then remain, as after SIGKILL).
+fn install_stop_handlers() {
+    let stop = stop_flag();
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        // The shutdown is registered first so that it acts only on a flag
+        // already raised by an earlier signal.
+        let status = i32::from(EXIT_INTERRUPTED);
+        let _ = signal_hook::flag::register_conditional_shutdown(signal, status, stop.clone());
+        let _ = signal_hook::flag::register(signal, stop.clone());
+    }
 }
 
 fn init_logging(verbose: u8) {

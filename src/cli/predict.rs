@@ -10,7 +10,7 @@ use anyhow::Context;
 use clap::Args;
 use serde::Serialize;
 
-use beltad::atomic_write::{AtomicFile, write_atomic};
+use beltad::atomic_write::{AtomicFile, remove_stale_temps, write_atomic};
 use beltad::dataset;
 use beltad::detector::{Detector, ImageVerdict};
 use beltad::features::FeatureExtractor;
@@ -46,6 +46,10 @@ pub struct PredictArgs {
     /// scaled to its own range: shows which branch saw what.
     #[arg(long)]
     branch_maps: bool,
+    /// Most images one run scores; more are refused before anything is read
+    /// (a guard against a mistyped folder; memory does not grow with it).
+    #[arg(long, default_value_t = DEFAULT_MAX_IMAGES, value_name = "N")]
+    max_images: usize,
     #[command(flatten)]
     backbones: BackboneArgs,
 }
@@ -71,11 +75,20 @@ pub struct ScoreLine {
     pub error: Option<String>,
 }
 
+/// Default of `--max-images`.
+pub const DEFAULT_MAX_IMAGES: usize = 100_000;
+
 const CSV_HEADER: &str = "image,score,anomalous,threshold,object_score,attribution_score,texture_score,\
 object_z,attribution_z,texture_z,driver,heatmap,overlay,error";
 
 pub fn run(args: &PredictArgs, progress: &dyn Progress) -> anyhow::Result<ExitCode> {
     let images = expand_inputs(&args.inputs)?;
+    anyhow::ensure!(
+        images.len() <= args.max_images,
+        "{} images exceed --max-images {}; split the run or raise the limit",
+        images.len(),
+        args.max_images
+    );
     let (detector, extractor) = load_model(&args.model, &args.backbones)?;
     let summary = predict(
         &detector,
@@ -138,6 +151,9 @@ pub fn predict(
     }
     if pictures == Pictures::WithBranches {
         create_dir(&out.join("branches"))?;
+    }
+    for name in ["scores.jsonl", "scores.csv"] {
+        remove_stale_temps(&out.join(name));
     }
     let mut jsonl =
         AtomicFile::create(&out.join("scores.jsonl")).context("cannot create scores.jsonl")?;

@@ -8,6 +8,7 @@
 //! the same for any rayon thread count on a given CPU.
 
 mod aligned;
+pub mod attention;
 pub mod gemm;
 pub mod vector;
 

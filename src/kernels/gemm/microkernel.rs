@@ -41,6 +41,11 @@ pub(super) mod avx512 {
     ) {
         // SAFETY: the caller guarantees the panel and tile extents.
         unsafe {
+            for r in 0..MR {
+                let row = c.add(r * ldc).cast::<i8>();
+                _mm_prefetch::<_MM_HINT_T0>(row);
+                _mm_prefetch::<_MM_HINT_T0>(row.add(NR * 4 - 1));
+            }
             let mut lo = [_mm512_setzero_ps(); MR];
             let mut hi = [_mm512_setzero_ps(); MR];
             let (mut a, mut b) = (a, b);
@@ -153,6 +158,36 @@ pub(super) mod portable {
                 for (o, &v) in row.iter_mut().zip(acc_row) {
                     *o = if load_c { v + *o } else { v };
                 }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod probe {
+    #[test]
+    #[ignore]
+    fn peak_probe() {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use super::avx512::*;
+            for kc in [64usize, 128, 192, 256, 384] {
+                let a = vec![0.001f32; kc * MR];
+                let b = vec![0.001f32; kc * NR];
+                let mut c = vec![0.0f32; MR * NR];
+                let iters = 200_000_000 / (kc * 14 * 32);
+                let mut best = f64::MAX;
+                for _ in 0..5 {
+                    let t = std::time::Instant::now();
+                    for _ in 0..iters {
+                        unsafe { kernel(kc, a.as_ptr(), b.as_ptr(), c.as_mut_ptr(), NR, true) };
+                    }
+                    best = best.min(t.elapsed().as_secs_f64());
+                }
+                println!(
+                    "kc {kc}: {:.1} GFLOP/s",
+                    2.0 * (kc * MR * NR * iters) as f64 / best * 1e-9
+                );
             }
         }
     }

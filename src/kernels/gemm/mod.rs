@@ -34,10 +34,13 @@ use microkernel::KernelFn;
 
 /// Largest depth block; `kc × NR` B panels then stay in the L1 cache.
 pub const DEPTH_BLOCK_MAX: usize = 256;
-/// Row panels per thread task (14 × 8 = 112 rows for AVX-512).
+/// Most row panels per thread task when tasks split rows (14 × 8 = 112
+/// rows for AVX-512: an A block of 112 × 256 floats stays in L2).
 const TASK_ROW_PANELS: usize = 8;
-/// Column panels per thread task (32 × 8 = 256 columns for AVX-512).
+/// Most column panels per thread task when tasks split columns.
 const TASK_COL_PANELS: usize = 8;
+/// Most rows a panel packer gathers at once (≥ every kernel's MR).
+const MAX_PACK_ROWS: usize = 16;
 /// A parallel product is cut into at least this many tasks per thread, when
 /// the matrix allows, so that work stealing can even out the load.
 const TASKS_PER_THREAD: usize = 3;
@@ -239,21 +242,28 @@ impl LhsSource for MatRef<'_> {
 
     fn pack(&self, i0: usize, mr: usize, k0: usize, kc: usize, dst: &mut [f32]) {
         let dst = &mut dst[..kc * mr];
+        let valid = mr.min(self.rows.saturating_sub(i0));
+        if self.col_stride == 1 && valid == mr && mr <= MAX_PACK_ROWS {
+            // Gather one k-column of the panel at a time: sequential stores.
+            let mut rows = [&[][..]; MAX_PACK_ROWS];
+            for (r, row) in rows[..mr].iter_mut().enumerate() {
+                let start = (i0 + r) * self.row_stride + k0;
+                *row = &self.data[start..start + kc];
+            }
+            for (k, out) in dst.chunks_exact_mut(mr).enumerate() {
+                for (o, row) in out.iter_mut().zip(&rows[..mr]) {
+                    *o = row[k];
+                }
+            }
+            return;
+        }
         for r in 0..mr {
-            let i = i0 + r;
-            if i >= self.rows {
-                for k in 0..kc {
-                    dst[k * mr + r] = 0.0;
-                }
-            } else if self.col_stride == 1 {
-                let start = i * self.row_stride + k0;
-                for (k, &v) in self.data[start..start + kc].iter().enumerate() {
-                    dst[k * mr + r] = v;
-                }
-            } else {
-                for k in 0..kc {
-                    dst[k * mr + r] = self.at(i, k0 + k);
-                }
+            for k in 0..kc {
+                dst[k * mr + r] = if r < valid {
+                    self.at(i0 + r, k0 + k)
+                } else {
+                    0.0
+                };
             }
         }
     }
@@ -497,6 +507,27 @@ impl<'a> MatMut<'a> {
         }
     }
 
+    /// A view from a raw pointer, for writing disjoint parts of one matrix
+    /// from several threads.
+    ///
+    /// # Safety
+    /// The `rows × cols` elements at `ptr + i·row_stride + j` must be valid
+    /// for writes for `'a`, and nothing else may access them meanwhile.
+    pub unsafe fn from_raw_parts(
+        ptr: *mut f32,
+        rows: usize,
+        cols: usize,
+        row_stride: usize,
+    ) -> Self {
+        Self {
+            ptr,
+            rows,
+            cols,
+            row_stride,
+            _data: PhantomData,
+        }
+    }
+
     /// A contiguous row-major `rows × cols` output.
     pub fn row_major(data: &'a mut [f32], rows: usize, cols: usize) -> Self {
         Self::new(data, rows, cols, cols)
@@ -577,6 +608,43 @@ impl Epilogue<'_> {
     }
 }
 
+/// `(row panels, column panels)` per task. Tasks span the whole width of
+/// the pre-packed side, so that the operand packed on the fly is packed only
+/// once: rows are split (each task packs its rows of A once), or columns
+/// when only B is packed on the fly. The other side is split as well only
+/// when there are too few tasks for the threads. The shape never changes
+/// any result.
+fn task_shape(
+    row_panels: usize,
+    col_panels: usize,
+    split_cols: bool,
+    threads: usize,
+) -> (usize, usize) {
+    let wanted = if threads > 1 {
+        threads * TASKS_PER_THREAD
+    } else {
+        1
+    };
+    let split = |panels: usize, most: usize, tasks: usize| panels.div_ceil(tasks).clamp(1, most);
+    let (outer, inner, most) = if split_cols {
+        (col_panels, row_panels, TASK_COL_PANELS)
+    } else {
+        (row_panels, col_panels, TASK_ROW_PANELS)
+    };
+    let per_outer = split(outer, most, wanted);
+    let outer_tasks = outer.div_ceil(per_outer);
+    let per_inner = if outer_tasks >= wanted {
+        inner.max(1)
+    } else {
+        split(inner, inner.max(1), wanted.div_ceil(outer_tasks))
+    };
+    if split_cols {
+        (per_inner, per_outer)
+    } else {
+        (per_outer, per_inner)
+    }
+}
+
 /// Per-thread packing buffers, reused across calls.
 #[derive(Default)]
 struct Scratch {
@@ -634,20 +702,12 @@ impl<'a> Plan<'a> {
         }
         let row_panels = m.div_ceil(kernel.mr());
         let col_panels = n.div_ceil(kernel.nr());
-        let mut task_rows = TASK_ROW_PANELS.min(row_panels).max(1);
-        let mut task_cols = TASK_COL_PANELS.min(col_panels).max(1);
-        let wanted = threads * TASKS_PER_THREAD;
-        while threads > 1
-            && row_panels.div_ceil(task_rows) * col_panels.div_ceil(task_cols) < wanted
-        {
-            if task_rows >= task_cols && task_rows > 1 {
-                task_rows = task_rows.div_ceil(2);
-            } else if task_cols > 1 {
-                task_cols = task_cols.div_ceil(2);
-            } else {
-                break;
-            }
-        }
+        let (task_row_panels, task_col_panels) = task_shape(
+            row_panels,
+            col_panels,
+            matches!(rhs, Rhs::Source(_)) && matches!(lhs, Lhs::Packed(_)),
+            threads,
+        );
         Self {
             kernel,
             lhs,
@@ -657,8 +717,8 @@ impl<'a> Plan<'a> {
             blocks: DepthBlocks::new(k),
             row_panels,
             col_panels,
-            task_row_panels: task_rows,
-            task_col_panels: task_cols,
+            task_row_panels,
+            task_col_panels,
         }
     }
 

@@ -5,19 +5,25 @@
 //! `w' = w · γ/√(σ² + ε)` (per output channel) and `b' = β − μ · γ/√(σ² + ε)`.
 //! The activation that follows (ReLU or ReLU6) is kept with the layer.
 //!
-//! Tensors are `(B, C, H, W)`. On the CPU two paths replace candle's generic
-//! convolution, which is slow for these layers:
-//! - depthwise 3×3 convolutions run through a direct kernel
-//!   ([`Depthwise3x3`]); candle's grouped convolution runs one convolution per
-//!   channel, 7–60× slower on MobileNetV2's layers;
-//! - dense convolutions are one matrix product of the pre-flattened kernel
-//!   `(C_out, C_in·k·k)` with an im2col matrix `(C_in·k·k, h·w)` ([`Im2Col`];
-//!   a 1×1 stride-1 convolution uses the input itself). candle's tiled im2col
-//!   re-packs the kernel and scatters its columns at every call.
+//! Tensors at the module boundary are `(B, C, H, W)`. On the CPU with f32
+//! weights the layers run on host maps in channel-major layout
+//! `(C, B, H, W)` ([`ChannelMajor`]), so that one convolution over the whole
+//! batch is one packed matrix product
+//! `W (C_out × C_in·k·k) · cols (C_in·k·k × B·oh·ow)` ([`crate::kernels::gemm`]):
+//! the folded kernel is packed once at load as the left operand, and the
+//! im2col matrix is never stored; its panels are gathered straight from the
+//! input ([`ConvColumns`]; a 1×1 stride-1 convolution reads the input
+//! itself). Bias, activation and a residual sum run in the product's
+//! epilogue. Depthwise 3×3 convolutions use a direct kernel
+//! ([`Depthwise3x3`]). Off the CPU, candle's convolution is used.
 
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Module, Result, Shape, Tensor, bail};
+use candle_core::{DType, Device, Module, Result, Tensor, bail};
 use candle_nn::VarBuilder;
 use rayon::prelude::*;
+
+use crate::kernels::gemm::{
+    self, Bias, Epilogue, Kernel, Lhs, MatMut, MatRef, PackedA, Rhs, RhsSource,
+};
 
 /// BatchNorm epsilon of torchvision's `BatchNorm2d` (the CNN checkpoints use the default).
 pub const BATCH_NORM_EPS: f64 = 1e-5;
@@ -27,6 +33,9 @@ const RELU6_MAX: f32 = 6.0;
 
 /// Side of the depthwise kernel handled by the direct CPU kernel.
 const DEPTHWISE_KERNEL: usize = 3;
+
+/// Most columns a [`ConvColumns`] panel can have (≥ every GEMM kernel's NR).
+const MAX_PANEL_COLS: usize = 32;
 
 /// Activation applied after a folded convolution.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,6 +60,15 @@ impl Activation {
             Activation::Identity => Ok(x.clone()),
             Activation::Relu => x.relu(),
             Activation::Relu6 => x.clamp(0f32, RELU6_MAX),
+        }
+    }
+
+    /// The same activation in a GEMM epilogue.
+    fn for_gemm(self) -> gemm::Activation {
+        match self {
+            Activation::Identity => gemm::Activation::Identity,
+            Activation::Relu => gemm::Activation::Relu,
+            Activation::Relu6 => gemm::Activation::Relu6,
         }
     }
 }
@@ -99,6 +117,204 @@ impl ConvSpec {
             self.kernel,
         )
     }
+
+    /// Output length along an axis of input length `len` (0 if the kernel
+    /// does not fit).
+    pub fn out_len(&self, len: usize) -> usize {
+        (len + 2 * self.padding)
+            .checked_sub(self.kernel)
+            .map_or(0, |span| span / self.stride + 1)
+    }
+
+    /// Floating-point operations (2 per multiply-add) of one image at `(h, w)`.
+    pub fn flops(&self, (h, w): (usize, usize)) -> f64 {
+        let macs = self.out_channels * (self.in_channels / self.groups) * self.kernel * self.kernel;
+        2.0 * macs as f64 * (self.out_len(h) * self.out_len(w)) as f64
+    }
+}
+
+/// A batch of feature maps on the host in channel-major layout
+/// `(C, B, H, W)`: channel `c` of image `b` is the plane at `(c·B + b)·H·W`.
+/// For a single image this is the usual `(C, H, W)`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChannelMajor {
+    pub data: Vec<f32>,
+    pub channels: usize,
+    pub batch: usize,
+    pub height: usize,
+    pub width: usize,
+}
+
+impl ChannelMajor {
+    /// Zeros of the given size.
+    pub fn zeros(channels: usize, batch: usize, height: usize, width: usize) -> Self {
+        Self {
+            data: vec![0.0; channels * batch * height * width],
+            channels,
+            batch,
+            height,
+            width,
+        }
+    }
+
+    /// From a `(B, C, H, W)` tensor.
+    pub fn from_tensor(x: &Tensor) -> Result<Self> {
+        let (b, c, h, w) = x.dims4()?;
+        let data = if b == 1 {
+            x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?
+        } else {
+            x.to_dtype(DType::F32)?
+                .transpose(0, 1)?
+                .flatten_all()?
+                .to_vec1()?
+        };
+        Ok(Self {
+            data,
+            channels: c,
+            batch: b,
+            height: h,
+            width: w,
+        })
+    }
+
+    /// Back to a `(B, C, H, W)` tensor.
+    pub fn to_tensor(&self, device: &Device) -> Result<Tensor> {
+        let (c, b, h, w) = (self.channels, self.batch, self.height, self.width);
+        let t = Tensor::from_slice(&self.data, (c, b, h, w), device)?;
+        if b == 1 {
+            t.reshape((1, c, h, w))
+        } else {
+            t.transpose(0, 1)?.contiguous()
+        }
+    }
+
+    fn plane_len(&self) -> usize {
+        self.height * self.width
+    }
+
+    /// Columns of the channel-major matrix `(C, B·H·W)`.
+    fn columns(&self) -> usize {
+        self.batch * self.plane_len()
+    }
+}
+
+/// The im2col matrix of a convolution over a [`ChannelMajor`] batch, as a
+/// GEMM right operand that is never stored: row `(c, ky, kx)`, column
+/// `(b, oy, ox)` holds the input sample that output position reads through
+/// that tap (zero in the padding).
+pub struct ConvColumns<'a> {
+    input: &'a ChannelMajor,
+    kernel: usize,
+    stride: usize,
+    padding: usize,
+    out_h: usize,
+    out_w: usize,
+}
+
+/// A run of panel columns on one output row: `len` columns from panel
+/// column `at`, image `image`, output row `oy`, first output column `ox`.
+#[derive(Debug, Clone, Copy, Default)]
+struct RowRun {
+    at: usize,
+    len: usize,
+    image: usize,
+    oy: usize,
+    ox: usize,
+}
+
+impl<'a> ConvColumns<'a> {
+    pub fn new(input: &'a ChannelMajor, spec: &ConvSpec) -> Self {
+        Self {
+            input,
+            kernel: spec.kernel,
+            stride: spec.stride,
+            padding: spec.padding,
+            out_h: spec.out_len(input.height),
+            out_w: spec.out_len(input.width),
+        }
+    }
+
+    /// Splits panel columns `j0 .. j0 + count` into runs along output rows.
+    fn runs(&self, j0: usize, count: usize, runs: &mut [RowRun; MAX_PANEL_COLS]) -> usize {
+        let plane = self.out_h * self.out_w;
+        let mut n = 0;
+        let mut at = 0;
+        while at < count {
+            let col = j0 + at;
+            let (image, rest) = (col / plane, col % plane);
+            let (oy, ox) = (rest / self.out_w, rest % self.out_w);
+            let len = (self.out_w - ox).min(count - at);
+            runs[n] = RowRun {
+                at,
+                len,
+                image,
+                oy,
+                ox,
+            };
+            n += 1;
+            at += len;
+        }
+        n
+    }
+}
+
+impl RhsSource for ConvColumns<'_> {
+    fn cols(&self) -> usize {
+        self.input.batch * self.out_h * self.out_w
+    }
+
+    fn depth(&self) -> usize {
+        self.input.channels * self.kernel * self.kernel
+    }
+
+    fn pack(&self, j0: usize, nr: usize, k0: usize, kc: usize, dst: &mut [f32]) {
+        assert!(nr <= MAX_PANEL_COLS, "panel wider than {MAX_PANEL_COLS}");
+        let x = self.input;
+        let (h, w) = (x.height as isize, x.width as isize);
+        let valid = nr.min(self.cols().saturating_sub(j0));
+        let mut runs = [RowRun::default(); MAX_PANEL_COLS];
+        let run_count = self.runs(j0, valid, &mut runs);
+        let runs = &runs[..run_count];
+        let taps = self.kernel * self.kernel;
+        let (stride, pad) = (self.stride as isize, self.padding as isize);
+        for (k, out) in dst[..kc * nr].chunks_exact_mut(nr).enumerate() {
+            let row = k0 + k;
+            let (c, tap) = (row / taps, row % taps);
+            let (ky, kx) = ((tap / self.kernel) as isize, (tap % self.kernel) as isize);
+            for run in runs {
+                let dst = &mut out[run.at..run.at + run.len];
+                let iy = run.oy as isize * stride + ky - pad;
+                if iy < 0 || iy >= h {
+                    dst.fill(0.0);
+                    continue;
+                }
+                let plane = (c * x.batch + run.image) * x.plane_len();
+                let src =
+                    &x.data[plane + iy as usize * x.width..plane + (iy as usize + 1) * x.width];
+                // Input column of the run's first output column.
+                let ix0 = run.ox as isize * stride + kx - pad;
+                if stride == 1 {
+                    // Zeros left of the image, a copied span, zeros right of it.
+                    let lead = (-ix0).clamp(0, run.len as isize) as usize;
+                    let end = (w - ix0).clamp(lead as isize, run.len as isize) as usize;
+                    dst[..lead].fill(0.0);
+                    let from = (ix0 + lead as isize) as usize;
+                    dst[lead..end].copy_from_slice(&src[from..from + end - lead]);
+                    dst[end..].fill(0.0);
+                } else {
+                    for (i, d) in dst.iter_mut().enumerate() {
+                        let ix = ix0 + i as isize * stride;
+                        *d = if ix >= 0 && ix < w {
+                            src[ix as usize]
+                        } else {
+                            0.0
+                        };
+                    }
+                }
+            }
+            out[valid..].fill(0.0);
+        }
+    }
 }
 
 /// A bias-free convolution followed by eval-mode BatchNorm and an activation,
@@ -111,10 +327,19 @@ pub struct FoldedConv {
     /// `(C_out,)`, BatchNorm shift folded in.
     bias: Tensor,
     activation: Activation,
-    /// `(C_out, C_in·k·k)`, the kernel flattened for the im2col path (dense only).
-    weight_matrix: Option<Tensor>,
-    /// Host copy of the kernel for the direct depthwise path (CPU only).
-    depthwise: Option<Depthwise3x3>,
+    /// The CPU implementation, when the weights are f32 on the CPU.
+    host: Option<HostConv>,
+}
+
+/// The CPU forms of a folded convolution.
+#[derive(Debug, Clone)]
+enum HostConv {
+    /// `(C_out, C_in·k·k)` packed as the left GEMM operand, and the bias.
+    Dense {
+        weight: PackedA,
+        bias: Vec<f32>,
+    },
+    Depthwise(Depthwise3x3),
 }
 
 impl FoldedConv {
@@ -141,24 +366,27 @@ impl FoldedConv {
         let weight = weight.broadcast_mul(&scale.reshape((c, 1, 1, 1))?)?;
         let bias = (beta - mean.mul(&scale)?)?;
 
-        let depthwise = if weight.device().is_cpu()
-            && spec.groups == spec.in_channels
+        let host = if !(weight.device().is_cpu() && weight.dtype() == DType::F32) {
+            None
+        } else if spec.groups == 1 {
+            let k_size = spec.in_channels * spec.kernel * spec.kernel;
+            let matrix: Vec<f32> = weight.flatten_all()?.to_vec1()?;
+            let view = MatRef::row_major(&matrix, spec.out_channels, k_size);
+            Some(HostConv::Dense {
+                weight: PackedA::new(Kernel::best(), &view),
+                bias: bias.to_vec1()?,
+            })
+        } else if spec.groups == spec.in_channels
             && spec.in_channels == spec.out_channels
             && spec.kernel == DEPTHWISE_KERNEL
             && spec.padding == DEPTHWISE_KERNEL / 2
         {
-            Some(Depthwise3x3 {
-                weight: weight.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?,
-                bias: bias.to_dtype(DType::F32)?.to_vec1()?,
+            Some(HostConv::Depthwise(Depthwise3x3 {
+                weight: weight.flatten_all()?.to_vec1()?,
+                bias: bias.to_vec1()?,
                 stride: spec.stride,
                 activation,
-            })
-        } else {
-            None
-        };
-        let weight_matrix = if spec.groups == 1 {
-            let k_size = spec.in_channels * spec.kernel * spec.kernel;
-            Some(weight.reshape((spec.out_channels, k_size))?)
+            }))
         } else {
             None
         };
@@ -167,36 +395,106 @@ impl FoldedConv {
             weight,
             bias,
             activation,
-            weight_matrix,
-            depthwise,
+            host,
         })
     }
 
-    /// Dense convolution as `W (C_out, C_in·k·k) × im2col (C_in·k·k, h·w)` per image.
-    fn forward_im2col(&self, x: &Tensor, weight_matrix: &Tensor) -> Result<Tensor> {
+    pub fn spec(&self) -> &ConvSpec {
+        &self.spec
+    }
+
+    /// Whether [`Self::forward_host`] is available (f32 weights on the CPU).
+    pub fn has_host_path(&self) -> bool {
+        self.host.is_some()
+    }
+
+    /// The convolution on a host batch. With `residual = Some((r, act))`
+    /// the result is `act(conv(x) + bias + r)`, computed in place in `r`'s
+    /// buffer; the layer's own activation must then be the identity.
+    pub fn forward_host(
+        &self,
+        x: &ChannelMajor,
+        residual: Option<(ChannelMajor, Activation)>,
+    ) -> Result<ChannelMajor> {
         let s = &self.spec;
-        let (b, c, h, w) = x.dims4()?;
-        let x = x.contiguous()?;
-        let (cols, oh, ow) = if s.kernel == 1 && s.stride == 1 && s.padding == 0 {
-            (x.reshape((b, c, h * w))?, h, w)
-        } else {
-            let op = Im2Col {
-                kernel: s.kernel,
-                stride: s.stride,
-                padding: s.padding,
-            };
-            let (oh, ow) = (op.out_len(h), op.out_len(w));
-            (x.apply_op1_no_bwd(&op)?, oh, ow)
+        if x.channels != s.in_channels {
+            bail!(
+                "convolution expects {} input channels, got {}",
+                s.in_channels,
+                x.channels
+            )
+        }
+        let (oh, ow) = (s.out_len(x.height), s.out_len(x.width));
+        if oh == 0 || ow == 0 {
+            bail!(
+                "{}x{} input is smaller than the {}x{} kernel",
+                x.height,
+                x.width,
+                s.kernel,
+                s.kernel
+            )
+        }
+        let Some(host) = &self.host else {
+            bail!("this convolution has no CPU kernel (weights not f32 on the CPU)")
         };
-        let y = if b == 1 {
-            weight_matrix.matmul(&cols.squeeze(0)?)?.unsqueeze(0)?
-        } else {
-            weight_matrix.broadcast_left(b)?.matmul(&cols)?
-        };
-        let y = y
-            .broadcast_add(&self.bias.reshape((1, s.out_channels, 1))?)?
-            .reshape((b, s.out_channels, oh, ow))?;
-        self.activation.apply(&y)
+        match host {
+            HostConv::Depthwise(kernel) => {
+                if residual.is_some() {
+                    bail!("residual sums are not fused into depthwise convolutions")
+                }
+                Ok(kernel.forward(x))
+            }
+            HostConv::Dense { weight, bias } => {
+                let (mut out, accumulate, activation) = match residual {
+                    Some((r, act)) => {
+                        assert_eq!(
+                            self.activation,
+                            Activation::Identity,
+                            "activation before a residual sum"
+                        );
+                        if (r.channels, r.batch, r.height, r.width)
+                            != (s.out_channels, x.batch, oh, ow)
+                        {
+                            bail!("residual map does not match the convolution output")
+                        }
+                        (r, true, act)
+                    }
+                    None => (
+                        ChannelMajor::zeros(s.out_channels, x.batch, oh, ow),
+                        false,
+                        self.activation,
+                    ),
+                };
+                let epilogue = Epilogue {
+                    accumulate,
+                    bias: Bias::PerRow(bias),
+                    activation: activation.for_gemm(),
+                };
+                let cols = out.columns();
+                let dst = MatMut::row_major(&mut out.data, s.out_channels, cols);
+                let kernel = weight.kernel();
+                if s.kernel == 1 && s.stride == 1 && s.padding == 0 {
+                    let src = MatRef::row_major(&x.data, x.channels, x.columns());
+                    gemm::gemm(
+                        kernel,
+                        Lhs::Packed(weight),
+                        Rhs::Source(&src),
+                        dst,
+                        &epilogue,
+                    );
+                } else {
+                    let src = ConvColumns::new(x, s);
+                    gemm::gemm(
+                        kernel,
+                        Lhs::Packed(weight),
+                        Rhs::Source(&src),
+                        dst,
+                        &epilogue,
+                    );
+                }
+                Ok(out)
+            }
+        }
     }
 
     /// Same computation through candle's own convolution: the path off the
@@ -211,99 +509,16 @@ impl FoldedConv {
 
 impl Module for FoldedConv {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if !(x.device().is_cpu() && x.dtype() == DType::F32) {
-            return self.forward_generic(x);
+        if self.host.is_some() && x.device().is_cpu() {
+            let y = self.forward_host(&ChannelMajor::from_tensor(x)?, None)?;
+            return y.to_tensor(x.device())?.to_dtype(x.dtype());
         }
-        match (&self.depthwise, &self.weight_matrix) {
-            (Some(kernel), _) => x.contiguous()?.apply_op1_no_bwd(kernel),
-            (None, Some(matrix)) => self.forward_im2col(x, matrix),
-            (None, None) => self.forward_generic(x),
-        }
-    }
-}
-
-/// im2col for a dense `k × k` convolution: `(B, C, H, W)` →
-/// `(B, C·k·k, oh·ow)`, row `(c, ky, kx)` holding the input sample each output
-/// position reads through that tap (zero in the padding).
-#[derive(Debug, Clone, Copy)]
-struct Im2Col {
-    kernel: usize,
-    stride: usize,
-    padding: usize,
-}
-
-impl Im2Col {
-    /// Output length along an axis of input length `len`.
-    fn out_len(&self, len: usize) -> usize {
-        (len + 2 * self.padding - self.kernel) / self.stride + 1
-    }
-
-    /// Fills one im2col row: tap `(ky, kx)` of one input plane `(h, w)`.
-    fn row(
-        &self,
-        plane: &[f32],
-        (h, w): (usize, usize),
-        (ky, kx): (usize, usize),
-        dst: &mut [f32],
-    ) {
-        let ow = self.out_len(w);
-        for (oy, out) in dst.chunks_exact_mut(ow).enumerate() {
-            // Input coordinates are shifted by the padding; out of range reads zero.
-            let iy = (oy * self.stride + ky)
-                .checked_sub(self.padding)
-                .filter(|&y| y < h);
-            let Some(iy) = iy else {
-                out.fill(0.0);
-                continue;
-            };
-            let src = &plane[iy * w..(iy + 1) * w];
-            for (ox, o) in out.iter_mut().enumerate() {
-                let ix = (ox * self.stride + kx).checked_sub(self.padding);
-                *o = match ix {
-                    Some(ix) if ix < w => src[ix],
-                    _ => 0.0,
-                };
-            }
-        }
-    }
-}
-
-impl CustomOp1 for Im2Col {
-    fn name(&self) -> &'static str {
-        "im2col"
-    }
-
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(data) = storage else {
-            bail!("im2col: expected f32 input")
-        };
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            bail!("im2col: input must be contiguous")
-        };
-        let (b, c, h, w) = layout.shape().dims4()?;
-        if h + 2 * self.padding < self.kernel || w + 2 * self.padding < self.kernel {
-            bail!(
-                "im2col: {h}x{w} input is smaller than the {0}x{0} kernel",
-                self.kernel
-            )
-        }
-        let taps = self.kernel * self.kernel;
-        let row_len = self.out_len(h) * self.out_len(w);
-        let src = &data[start..end];
-        let mut out = vec![0.0f32; b * c * taps * row_len];
-        out.par_chunks_mut(row_len)
-            .enumerate()
-            .for_each(|(row, dst)| {
-                let (plane, tap) = (row / taps, row % taps);
-                let plane = &src[plane * h * w..(plane + 1) * h * w];
-                self.row(plane, (h, w), (tap / self.kernel, tap % self.kernel), dst);
-            });
-        Ok((CpuStorage::F32(out), Shape::from((b, c * taps, row_len))))
+        self.forward_generic(x)
     }
 }
 
 /// Direct depthwise 3×3 convolution (padding 1, any stride) with bias and
-/// activation, parallel over `(batch, channel)` planes.
+/// activation, parallel over planes.
 #[derive(Debug, Clone)]
 pub struct Depthwise3x3 {
     /// `(C, 3, 3)` row-major.
@@ -359,38 +574,23 @@ impl Depthwise3x3 {
             }
         }
     }
-}
 
-impl CustomOp1 for Depthwise3x3 {
-    fn name(&self) -> &'static str {
-        "depthwise3x3"
-    }
-
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(data) = storage else {
-            bail!("depthwise3x3: expected f32 input")
-        };
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            bail!("depthwise3x3: input must be contiguous")
-        };
-        let (b, c, h, w) = layout.shape().dims4()?;
-        if c != self.bias.len() {
-            bail!(
-                "depthwise3x3: input has {c} channels, the kernel has {}",
-                self.bias.len()
-            )
-        }
+    /// The convolution of every plane of a host batch.
+    fn forward(&self, x: &ChannelMajor) -> ChannelMajor {
         let (oh, ow) = (
-            depthwise_out_len(h, self.stride),
-            depthwise_out_len(w, self.stride),
+            depthwise_out_len(x.height, self.stride),
+            depthwise_out_len(x.width, self.stride),
         );
-        let src = &data[start..end];
-        let mut out = vec![0.0f32; b * c * oh * ow];
-        out.par_chunks_mut(oh * ow)
-            .zip(src.par_chunks(h * w))
+        let mut out = ChannelMajor::zeros(x.channels, x.batch, oh, ow);
+        let batch = x.batch;
+        out.data
+            .par_chunks_mut(oh * ow)
+            .zip(x.data.par_chunks(x.plane_len()))
             .enumerate()
-            .for_each(|(plane, (dst, src))| self.plane(plane % c, src, (h, w), dst));
-        Ok((CpuStorage::F32(out), Shape::from((b, c, oh, ow))))
+            .for_each(|(plane, (dst, src))| {
+                self.plane(plane / batch, src, (x.height, x.width), dst)
+            });
+        out
     }
 }
 
@@ -474,7 +674,7 @@ mod tests {
         ];
         for (spec, (b, h, w)) in cases {
             let conv = folded(spec, Activation::Relu);
-            assert!(conv.weight_matrix.is_some() && conv.depthwise.is_none());
+            assert!(matches!(conv.host, Some(HostConv::Dense { .. })));
             let c = spec.in_channels;
             let x = Tensor::from_vec(ramp(&[b, c, h, w], 6.0), (b, c, h, w), &dev).unwrap();
             let fast = conv.forward(&x).unwrap();
@@ -486,11 +686,121 @@ mod tests {
     }
 
     #[test]
+    fn conv_columns_match_a_stored_im2col_across_images_and_edges() {
+        // 2 images of 3 channels, 5x7, kernel 3, stride 2: the 32-column
+        // panels cross output rows and images.
+        for (spec, (h, w)) in [
+            (ConvSpec::dense(3, 1, 3, 2), (5, 7)),
+            (ConvSpec::dense(3, 1, 3, 1), (4, 9)),
+            (ConvSpec::dense(3, 1, 7, 2), (9, 6)),
+            (ConvSpec::dense(3, 1, 1, 2), (5, 5)),
+        ] {
+            let x = ChannelMajor {
+                data: ramp(&[3, 2, h, w], 5.0),
+                channels: 3,
+                batch: 2,
+                height: h,
+                width: w,
+            };
+            let cols = ConvColumns::new(&x, &spec);
+            let (oh, ow) = (spec.out_len(h), spec.out_len(w));
+            assert_eq!(cols.cols(), 2 * oh * ow);
+            let k = spec.kernel;
+            let want = |row: usize, col: usize| {
+                let (c, tap) = (row / (k * k), row % (k * k));
+                let (ky, kx) = (tap / k, tap % k);
+                let (b, rest) = (col / (oh * ow), col % (oh * ow));
+                let (oy, ox) = (rest / ow, rest % ow);
+                let iy = (oy * spec.stride + ky) as isize - spec.padding as isize;
+                let ix = (ox * spec.stride + kx) as isize - spec.padding as isize;
+                if iy < 0 || ix < 0 || iy >= h as isize || ix >= w as isize {
+                    0.0
+                } else {
+                    x.data[((c * 2 + b) * h + iy as usize) * w + ix as usize]
+                }
+            };
+            let nr = 32;
+            let depth = cols.depth();
+            for j0 in (0..cols.cols()).step_by(nr) {
+                let mut panel = vec![f32::NAN; depth * nr];
+                cols.pack(j0, nr, 0, depth, &mut panel);
+                for row in 0..depth {
+                    for j in 0..nr {
+                        let expected = if j0 + j < cols.cols() {
+                            want(row, j0 + j)
+                        } else {
+                            0.0
+                        };
+                        assert_eq!(
+                            panel[row * nr + j],
+                            expected,
+                            "{spec:?} row {row} col {}",
+                            j0 + j
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn batched_host_path_with_fused_residual_matches_candle() {
+        let dev = Device::Cpu;
+        let spec = ConvSpec::dense(4, 6, 3, 1);
+        let conv = folded(spec, Activation::Identity);
+        let x = Tensor::from_vec(ramp(&[3, 4, 6, 5], 6.0), (3, 4, 6, 5), &dev).unwrap();
+        let r = Tensor::from_vec(ramp(&[3, 6, 6, 5], 3.0), (3, 6, 6, 5), &dev).unwrap();
+        let want = (conv.forward_generic(&x).unwrap() + &r)
+            .unwrap()
+            .relu()
+            .unwrap();
+        let host_x = ChannelMajor::from_tensor(&x).unwrap();
+        let back = host_x.to_tensor(&dev).unwrap();
+        assert_eq!(
+            (back - &x)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap(),
+            0.0
+        );
+        let got = conv
+            .forward_host(
+                &host_x,
+                Some((ChannelMajor::from_tensor(&r).unwrap(), Activation::Relu)),
+            )
+            .unwrap()
+            .to_tensor(&dev)
+            .unwrap();
+        let diff = (got - want).unwrap().abs().unwrap().max_all().unwrap();
+        assert!(diff.to_scalar::<f32>().unwrap() < 1e-5);
+        let wrong = ChannelMajor::zeros(6, 3, 5, 5);
+        assert!(
+            conv.forward_host(&host_x, Some((wrong, Activation::Relu)))
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn output_sizes_and_flops_follow_the_geometry() {
+        let spec = ConvSpec::dense(64, 128, 3, 2);
+        assert_eq!(spec.out_len(238), 119);
+        assert_eq!(spec.out_len(7), 4);
+        assert_eq!(ConvSpec::dense(3, 8, 7, 2).out_len(2), 1);
+        assert_eq!(spec.flops((8, 8)), 2.0 * (128 * 64 * 9 * 16) as f64);
+        let dw = ConvSpec::depthwise(32, 3, 1);
+        assert_eq!(dw.flops((4, 4)), 2.0 * (32 * 9 * 16) as f64);
+    }
+
+    #[test]
     fn direct_depthwise_matches_grouped_conv() {
         let dev = Device::Cpu;
         for (stride, (h, w)) in [(1, (9, 7)), (2, (9, 7)), (2, (8, 10)), (1, (1, 1))] {
             let conv = folded(ConvSpec::depthwise(5, 3, stride), Activation::Relu6);
-            assert!(conv.depthwise.is_some());
+            assert!(matches!(conv.host, Some(HostConv::Depthwise(_))));
             let x = Tensor::from_vec(ramp(&[2, 5, h, w], 20.0), (2, 5, h, w), &dev).unwrap();
             let fast = conv.forward(&x).unwrap();
             let slow = conv.forward_generic(&x).unwrap();

@@ -9,7 +9,7 @@
 use candle_core::{Module, Result, Tensor, bail};
 use candle_nn::VarBuilder;
 
-use super::conv::{Activation, ConvSpec, FoldedConv};
+use super::conv::{Activation, ChannelMajor, ConvSpec, FoldedConv};
 
 /// Channels of the stem convolution (`features.0`).
 const STEM_CHANNELS: usize = 32;
@@ -95,6 +95,38 @@ impl InvertedResidual {
     }
 }
 
+impl InvertedResidual {
+    /// The block on a host batch, the skip sum fused into the projection.
+    fn forward_host(&self, x: ChannelMajor) -> Result<ChannelMajor> {
+        let expanded;
+        let h = match &self.expand {
+            Some(expand) => {
+                expanded = expand.forward_host(&x, None)?;
+                &expanded
+            }
+            None => &x,
+        };
+        let y = self.depthwise.forward_host(h, None)?;
+        if self.use_residual {
+            self.project
+                .forward_host(&y, Some((x, Activation::Identity)))
+        } else {
+            self.project.forward_host(&y, None)
+        }
+    }
+
+    /// FLOPs of one image at input `(h, w)`, and the output size.
+    fn flops(&self, size: (usize, usize)) -> (f64, (usize, usize)) {
+        let dw = self.depthwise.spec();
+        let out = (dw.out_len(size.0), dw.out_len(size.1));
+        let expand = self.expand.as_ref().map_or(0.0, |e| e.spec().flops(size));
+        (
+            expand + dw.flops(size) + self.project.spec().flops(out),
+            out,
+        )
+    }
+}
+
 impl Module for InvertedResidual {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let h = match &self.expand {
@@ -154,6 +186,9 @@ impl MobileNetV2 {
         if c != IMAGE_CHANNELS {
             bail!("MobileNetV2 expects {IMAGE_CHANNELS} input channels, got {c} (input {h}x{w})")
         }
+        if self.stem.has_host_path() && x.device().is_cpu() {
+            return self.forward_host(x);
+        }
         let mut x = self.stem.forward(x)?;
         let mut stride8 = None;
         for (i, block) in self.blocks.iter().enumerate() {
@@ -166,6 +201,37 @@ impl MobileNetV2 {
             Some(s8) => Ok((s8, x)),
             None => bail!("MobileNetV2 has fewer than {STRIDE8_FEATURE} blocks"),
         }
+    }
+
+    fn forward_host(&self, input: &Tensor) -> Result<(Tensor, Tensor)> {
+        let mut x = self
+            .stem
+            .forward_host(&ChannelMajor::from_tensor(input)?, None)?;
+        let mut stride8 = None;
+        for (i, block) in self.blocks.iter().enumerate() {
+            x = block.forward_host(x)?;
+            if i + 1 == STRIDE8_FEATURE {
+                stride8 = Some(x.to_tensor(input.device())?.to_dtype(input.dtype())?);
+            }
+        }
+        match stride8 {
+            Some(s8) => Ok((s8, x.to_tensor(input.device())?.to_dtype(input.dtype())?)),
+            None => bail!("MobileNetV2 has fewer than {STRIDE8_FEATURE} blocks"),
+        }
+    }
+
+    /// Floating-point operations of one image's forward at `(H, W)`
+    /// (convolutions only; residual sums are not counted).
+    pub fn forward_flops(&self, (h, w): (usize, usize)) -> f64 {
+        let stem = self.stem.spec();
+        let mut total = stem.flops((h, w));
+        let mut size = (stem.out_len(h), stem.out_len(w));
+        for block in &self.blocks {
+            let (flops, next) = block.flops(size);
+            total += flops;
+            size = next;
+        }
+        total
     }
 }
 

@@ -108,6 +108,15 @@ impl CnnBackbone {
         }
     }
 
+    /// Floating-point operations of one image's forward at `(H, W)`
+    /// (convolutions only).
+    pub fn forward_flops(&self, input_size: (usize, usize)) -> f64 {
+        match self {
+            CnnBackbone::MobileNetV2(m) => m.forward_flops(input_size),
+            CnnBackbone::WideResNet50(m) => m.forward_flops(input_size),
+        }
+    }
+
     /// `(B, 3, H, W)` → the stride-8 and stride-16 maps.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<CnnFeatures> {
         let (stride8, stride16) = match self {

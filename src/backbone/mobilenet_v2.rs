@@ -130,10 +130,12 @@ impl InvertedResidual {
 impl Module for InvertedResidual {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let h = match &self.expand {
-            Some(expand) => expand.forward(x)?,
+            Some(expand) => expand.forward_generic(x)?,
             None => x.clone(),
         };
-        let y = self.project.forward(&self.depthwise.forward(&h)?)?;
+        let y = self
+            .project
+            .forward_generic(&self.depthwise.forward_generic(&h)?)?;
         if self.use_residual { y + x } else { Ok(y) }
     }
 }
@@ -187,9 +189,16 @@ impl MobileNetV2 {
             bail!("MobileNetV2 expects {IMAGE_CHANNELS} input channels, got {c} (input {h}x{w})")
         }
         if self.stem.has_host_path() && x.device().is_cpu() {
-            return self.forward_host(x);
+            self.forward_host(x)
+        } else {
+            self.forward_reference(x)
         }
-        let mut x = self.stem.forward(x)?;
+    }
+
+    /// [`Self::forward`] through candle operations whatever the device: the
+    /// path off the CPU, and the reference the CPU path is tested against.
+    pub fn forward_reference(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
+        let mut x = self.stem.forward_generic(x)?;
         let mut stride8 = None;
         for (i, block) in self.blocks.iter().enumerate() {
             x = block.forward(&x)?;
@@ -238,6 +247,26 @@ impl MobileNetV2 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backbone::synthetic;
+
+    #[test]
+    fn host_path_matches_candle_and_batches_are_bitwise_per_image() {
+        let model = MobileNetV2::new(synthetic::var_builder()).unwrap();
+        let x = synthetic::input((3, 3, 50, 41));
+        let (a8, a16) = model.forward(&x).unwrap();
+        let (r8, r16) = model.forward_reference(&x).unwrap();
+        assert_eq!(a8.dims(), &[3, STRIDE8_CHANNELS, 7, 6]);
+        assert_eq!(a16.dims(), &[3, STRIDE16_CHANNELS, 4, 3]);
+        assert!(synthetic::relative_error(&a8, &r8) < 1e-5);
+        assert!(synthetic::relative_error(&a16, &r16) < 1e-5);
+        let (s8, s16) = model.forward(&x.narrow(0, 2, 1).unwrap()).unwrap();
+        assert!(synthetic::bitwise_equal(&s8, &a8.narrow(0, 2, 1).unwrap()));
+        assert!(synthetic::bitwise_equal(
+            &s16,
+            &a16.narrow(0, 2, 1).unwrap()
+        ));
+        assert!(model.forward_flops((238, 238)) > 1e8);
+    }
 
     #[test]
     fn block_table_reaches_feature_13_with_96_channels() {

@@ -12,6 +12,7 @@
 mod conv;
 pub mod dinov2;
 pub mod mobilenet_v2;
+pub mod synthetic;
 mod vit_cpu;
 pub mod wide_resnet;
 

@@ -124,11 +124,11 @@ impl Bottleneck {
 
 impl Module for Bottleneck {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = self.conv1.forward(x)?;
-        let y = self.conv2.forward(&y)?;
-        let y = self.conv3.forward(&y)?;
+        let y = self.conv1.forward_generic(x)?;
+        let y = self.conv2.forward_generic(&y)?;
+        let y = self.conv3.forward_generic(&y)?;
         let shortcut = match &self.downsample {
-            Some(ds) => ds.forward(x)?,
+            Some(ds) => ds.forward_generic(x)?,
             None => x.clone(),
         };
         (y + shortcut)?.relu()
@@ -197,9 +197,16 @@ impl WideResNet50 {
             )
         }
         if self.conv1.has_host_path() && x.device().is_cpu() {
-            return self.forward_host(x);
+            self.forward_host(x)
+        } else {
+            self.forward_reference(x)
         }
-        let x = self.conv1.forward(x)?;
+    }
+
+    /// [`Self::forward`] through candle operations whatever the device: the
+    /// path off the CPU, and the reference the CPU path is tested against.
+    pub fn forward_reference(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
+        let x = self.conv1.forward_generic(x)?;
         let x = max_pool_after_relu(&x)?;
         let x = run_layer(&self.layer1, x)?;
         let layer2 = run_layer(&self.layer2, x)?;
@@ -320,6 +327,28 @@ mod tests {
             .to_vec1()
             .unwrap();
         assert_eq!(y, vec![1.0, 7.0]);
+    }
+
+    #[test]
+    fn host_path_matches_candle_and_batches_are_bitwise_per_image() {
+        let model = WideResNet50::new(crate::backbone::synthetic::var_builder()).unwrap();
+        let x = crate::backbone::synthetic::input((2, 3, 45, 38));
+        let (l2, l3) = model.forward(&x).unwrap();
+        let (r2, r3) = model.forward_reference(&x).unwrap();
+        assert_eq!(l2.dims(), &[2, 512, 6, 5]);
+        assert_eq!(l3.dims(), &[2, 1024, 3, 3]);
+        assert!(crate::backbone::synthetic::relative_error(&l2, &r2) < 1e-5);
+        assert!(crate::backbone::synthetic::relative_error(&l3, &r3) < 1e-5);
+        let (s2, s3) = model.forward(&x.narrow(0, 1, 1).unwrap()).unwrap();
+        assert!(crate::backbone::synthetic::bitwise_equal(
+            &s2,
+            &l2.narrow(0, 1, 1).unwrap()
+        ));
+        assert!(crate::backbone::synthetic::bitwise_equal(
+            &s3,
+            &l3.narrow(0, 1, 1).unwrap()
+        ));
+        assert!(model.forward_flops((238, 238)) > 1e10);
     }
 
     #[test]

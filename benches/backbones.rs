@@ -28,10 +28,24 @@ const RUNS: usize = 9;
 struct Timing {
     median_s: f64,
     min_s: f64,
+    /// Process CPU time per run, all threads (when /proc is readable).
+    cpu_s: Option<f64>,
+}
+
+/// CPU time of this process so far, summed over its threads, from
+/// `/proc/self/task/*/schedstat` (first field: nanoseconds on a CPU).
+fn process_cpu_s() -> Option<f64> {
+    let mut total = 0u64;
+    for task in std::fs::read_dir("/proc/self/task").ok()? {
+        let stat = std::fs::read_to_string(task.ok()?.path().join("schedstat")).ok()?;
+        total += stat.split_whitespace().next()?.parse::<u64>().ok()?;
+    }
+    Some(total as f64 * 1e-9)
 }
 
 fn time(runs: usize, mut f: impl FnMut()) -> Timing {
     f();
+    let cpu_start = process_cpu_s();
     let mut t: Vec<f64> = (0..runs)
         .map(|_| {
             let start = Instant::now();
@@ -39,10 +53,14 @@ fn time(runs: usize, mut f: impl FnMut()) -> Timing {
             start.elapsed().as_secs_f64()
         })
         .collect();
+    let cpu_s = cpu_start
+        .zip(process_cpu_s())
+        .map(|(a, b)| (b - a) / runs as f64);
     t.sort_by(f64::total_cmp);
     Timing {
         median_s: t[runs / 2],
         min_s: t[0],
+        cpu_s,
     }
 }
 
@@ -114,8 +132,11 @@ fn report(
         let t = time(RUNS, || forward(&x));
         let per_image = t.median_s / batch as f64;
         let bound = flops / (rate * 1e9);
+        let cpu = t.cpu_s.map_or("n/a".to_string(), |c| {
+            format!("{:.1}", c / batch as f64 * 1e3)
+        });
         println!(
-            "{name:<18} batch {batch}: {:>7.1} ms/img (best {:>7.1}), {:>6.2} GFLOP/img, {:>5.0} GFLOP/s, FLOPs at machine rate {:>6.1} ms -> x{:.2}",
+            "{name:<16} batch {batch}: {:>7.1} ms/img (best {:>7.1}, cpu {cpu:>7}), {:>6.2} GFLOP/img, {:>4.0} GFLOP/s, at machine rate {:>6.1} ms -> x{:.2}",
             per_image * 1e3,
             t.min_s / batch as f64 * 1e3,
             flops * 1e-9,

@@ -20,6 +20,7 @@
 //! differently (fused or unfused multiply-add), so results are reproducible
 //! per kernel, not across kernels.
 
+mod interleave;
 mod microkernel;
 
 use std::cell::RefCell;
@@ -41,6 +42,8 @@ const TASK_ROW_PANELS: usize = 8;
 const TASK_COL_PANELS: usize = 8;
 /// Most rows a panel packer gathers at once (≥ every kernel's MR).
 const MAX_PACK_ROWS: usize = 16;
+/// Most columns a panel packer gathers at once (≥ every kernel's NR).
+const MAX_PACK_COLS: usize = 32;
 /// A parallel product is cut into at least this many tasks per thread, when
 /// the matrix allows, so that work stealing can even out the load.
 const TASKS_PER_THREAD: usize = 3;
@@ -243,17 +246,21 @@ impl LhsSource for MatRef<'_> {
     fn pack(&self, i0: usize, mr: usize, k0: usize, kc: usize, dst: &mut [f32]) {
         let dst = &mut dst[..kc * mr];
         let valid = mr.min(self.rows.saturating_sub(i0));
-        if self.col_stride == 1 && valid == mr && mr <= MAX_PACK_ROWS {
-            // Gather one k-column of the panel at a time: sequential stores.
+        if self.col_stride == 1 && mr <= MAX_PACK_ROWS {
             let mut rows = [&[][..]; MAX_PACK_ROWS];
-            for (r, row) in rows[..mr].iter_mut().enumerate() {
+            for (r, row) in rows[..valid].iter_mut().enumerate() {
                 let start = (i0 + r) * self.row_stride + k0;
                 *row = &self.data[start..start + kc];
             }
+            interleave::interleave(&rows[..valid], kc, mr, dst);
+            return;
+        }
+        if self.row_stride == 1 {
+            // Column-major: each k holds the panel's rows contiguously.
             for (k, out) in dst.chunks_exact_mut(mr).enumerate() {
-                for (o, row) in out.iter_mut().zip(&rows[..mr]) {
-                    *o = row[k];
-                }
+                let start = (k0 + k) * self.col_stride + i0;
+                out[..valid].copy_from_slice(&self.data[start..start + valid]);
+                out[valid..].fill(0.0);
             }
             return;
         }
@@ -280,6 +287,16 @@ impl RhsSource for MatRef<'_> {
 
     fn pack(&self, j0: usize, nr: usize, k0: usize, kc: usize, dst: &mut [f32]) {
         let valid = nr.min(self.cols.saturating_sub(j0));
+        if self.row_stride == 1 && self.col_stride != 1 && nr <= MAX_PACK_COLS {
+            // B stored transposed: each column is contiguous along k.
+            let mut cols = [&[][..]; MAX_PACK_COLS];
+            for (j, col) in cols[..valid].iter_mut().enumerate() {
+                let start = (j0 + j) * self.col_stride + k0;
+                *col = &self.data[start..start + kc];
+            }
+            interleave::interleave(&cols[..valid], kc, nr, dst);
+            return;
+        }
         for (k, out) in dst[..kc * nr].chunks_exact_mut(nr).enumerate() {
             let row = k0 + k;
             if self.col_stride == 1 {

@@ -139,3 +139,32 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod probe {
+    #[test]
+    #[ignore]
+    fn interleave_speed() {
+        for (rows_n, cols) in [(626usize, 384usize), (56, 626), (626, 1536)] {
+            let data: Vec<f32> = (0..rows_n * cols).map(|i| i as f32).collect();
+            let mut dst = vec![0.0f32; 14 * cols];
+            let reps = 50;
+            let t = std::time::Instant::now();
+            for _ in 0..reps {
+                for p in 0..rows_n / 14 {
+                    let rows: Vec<&[f32]> = (0..14).map(|r| &data[(p * 14 + r) * cols..(p * 14 + r + 1) * cols]).collect();
+                    super::interleave(&rows, cols, 14, &mut dst);
+                }
+            }
+            let el = (reps * (rows_n / 14) * 14 * cols) as f64;
+            let t2 = std::time::Instant::now();
+            for _ in 0..reps {
+                for p in 0..rows_n / 14 {
+                    let rows: Vec<&[f32]> = (0..14).map(|r| &data[(p * 14 + r) * cols..(p * 14 + r + 1) * cols]).collect();
+                    super::portable(&rows, cols, 14, &mut dst);
+                }
+            }
+            println!("{rows_n}x{cols}: avx512 {:.2} ns/elem, portable {:.2} ns/elem", t.elapsed().as_secs_f64() * 0.0 + (t2 - t).as_secs_f64() / el * 1e9, t2.elapsed().as_secs_f64() / el * 1e9);
+        }
+    }
+}

@@ -202,11 +202,18 @@ impl ChannelMajor {
 /// GEMM right operand that is never stored: row `(c, ky, kx)`, column
 /// `(b, oy, ox)` holds the input sample that output position reads through
 /// that tap (zero in the padding).
+///
+/// The input is copied once with its zero border, so that a panel row is a
+/// few plain copies (one per output row the panel's columns cross).
 pub struct ConvColumns<'a> {
-    input: &'a ChannelMajor,
+    /// The input with `padding` zeros on every side, `(C, B, ph, pw)`.
+    padded: std::borrow::Cow<'a, [f32]>,
+    channels: usize,
+    batch: usize,
+    padded_h: usize,
+    padded_w: usize,
     kernel: usize,
     stride: usize,
-    padding: usize,
     out_h: usize,
     out_w: usize,
 }
@@ -224,11 +231,30 @@ struct RowRun {
 
 impl<'a> ConvColumns<'a> {
     pub fn new(input: &'a ChannelMajor, spec: &ConvSpec) -> Self {
+        let p = spec.padding;
+        let (ph, pw) = (input.height + 2 * p, input.width + 2 * p);
+        let padded = if p == 0 {
+            std::borrow::Cow::Borrowed(&input.data[..])
+        } else {
+            let mut data = vec![0.0f32; input.channels * input.batch * ph * pw];
+            data.par_chunks_mut(ph * pw)
+                .zip(input.data.par_chunks(input.plane_len()))
+                .for_each(|(dst, src)| {
+                    for (y, row) in src.chunks_exact(input.width).enumerate() {
+                        let at = (y + p) * pw + p;
+                        dst[at..at + input.width].copy_from_slice(row);
+                    }
+                });
+            std::borrow::Cow::Owned(data)
+        };
         Self {
-            input,
+            padded,
+            channels: input.channels,
+            batch: input.batch,
+            padded_h: ph,
+            padded_w: pw,
             kernel: spec.kernel,
             stride: spec.stride,
-            padding: spec.padding,
             out_h: spec.out_len(input.height),
             out_w: spec.out_len(input.width),
         }
@@ -256,64 +282,89 @@ impl<'a> ConvColumns<'a> {
         }
         n
     }
-}
 
-impl RhsSource for ConvColumns<'_> {
-    fn cols(&self) -> usize {
-        self.input.batch * self.out_h * self.out_w
-    }
-
-    fn depth(&self) -> usize {
-        self.input.channels * self.kernel * self.kernel
-    }
-
-    fn pack(&self, j0: usize, nr: usize, k0: usize, kc: usize, dst: &mut [f32]) {
+    /// The packing loop, with the copy of one stride-1 run supplied.
+    #[inline(always)]
+    fn pack_with(
+        &self,
+        (j0, nr, k0, kc): (usize, usize, usize, usize),
+        dst: &mut [f32],
+        copy: impl Fn(&[f32], &mut [f32]),
+    ) {
         assert!(nr <= MAX_PANEL_COLS, "panel wider than {MAX_PANEL_COLS}");
-        let x = self.input;
-        let (h, w) = (x.height as isize, x.width as isize);
         let valid = nr.min(self.cols().saturating_sub(j0));
         let mut runs = [RowRun::default(); MAX_PANEL_COLS];
         let run_count = self.runs(j0, valid, &mut runs);
         let runs = &runs[..run_count];
         let taps = self.kernel * self.kernel;
-        let (stride, pad) = (self.stride as isize, self.padding as isize);
+        let (s, pw) = (self.stride, self.padded_w);
+        let data = &self.padded[..];
         for (k, out) in dst[..kc * nr].chunks_exact_mut(nr).enumerate() {
             let row = k0 + k;
             let (c, tap) = (row / taps, row % taps);
-            let (ky, kx) = ((tap / self.kernel) as isize, (tap % self.kernel) as isize);
+            let (ky, kx) = (tap / self.kernel, tap % self.kernel);
             for run in runs {
+                let plane = (c * self.batch + run.image) * self.padded_h * pw;
+                let start = plane + (run.oy * s + ky) * pw + run.ox * s + kx;
                 let dst = &mut out[run.at..run.at + run.len];
-                let iy = run.oy as isize * stride + ky - pad;
-                if iy < 0 || iy >= h {
-                    dst.fill(0.0);
-                    continue;
-                }
-                let plane = (c * x.batch + run.image) * x.plane_len();
-                let src =
-                    &x.data[plane + iy as usize * x.width..plane + (iy as usize + 1) * x.width];
-                // Input column of the run's first output column.
-                let ix0 = run.ox as isize * stride + kx - pad;
-                if stride == 1 {
-                    // Zeros left of the image, a copied span, zeros right of it.
-                    let lead = (-ix0).clamp(0, run.len as isize) as usize;
-                    let end = (w - ix0).clamp(lead as isize, run.len as isize) as usize;
-                    dst[..lead].fill(0.0);
-                    let from = (ix0 + lead as isize) as usize;
-                    dst[lead..end].copy_from_slice(&src[from..from + end - lead]);
-                    dst[end..].fill(0.0);
+                if s == 1 {
+                    copy(&data[start..start + run.len], dst);
                 } else {
-                    for (i, d) in dst.iter_mut().enumerate() {
-                        let ix = ix0 + i as isize * stride;
-                        *d = if ix >= 0 && ix < w {
-                            src[ix as usize]
-                        } else {
-                            0.0
-                        };
+                    for (d, &v) in dst.iter_mut().zip(data[start..].iter().step_by(s)) {
+                        *d = v;
                     }
                 }
             }
             out[valid..].fill(0.0);
         }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    fn pack_avx512(&self, panel: (usize, usize, usize, usize), dst: &mut [f32]) {
+        self.pack_with(panel, dst, |src, dst| masked_copy(src, dst))
+    }
+}
+
+/// Copies `src` (≤ 32 floats) into `dst` of the same length with two masked
+/// vector moves instead of a `memcpy` call.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn masked_copy(src: &[f32], dst: &mut [f32]) {
+    use std::arch::x86_64::*;
+    const LANES: usize = 16;
+    let n = dst.len();
+    assert!(src.len() == n && n <= 2 * LANES, "short copies only");
+    let mask = |k: usize| -> __mmask16 { if k >= LANES { !0 } else { (1u16 << k) - 1 } };
+    // SAFETY: the masks cover exactly the n elements of both slices.
+    unsafe {
+        let m = mask(n);
+        _mm512_mask_storeu_ps(dst.as_mut_ptr(), m, _mm512_maskz_loadu_ps(m, src.as_ptr()));
+        if n > LANES {
+            let m = mask(n - LANES);
+            let v = _mm512_maskz_loadu_ps(m, src.as_ptr().add(LANES));
+            _mm512_mask_storeu_ps(dst.as_mut_ptr().add(LANES), m, v);
+        }
+    }
+}
+
+impl RhsSource for ConvColumns<'_> {
+    fn cols(&self) -> usize {
+        self.batch * self.out_h * self.out_w
+    }
+
+    fn depth(&self) -> usize {
+        self.channels * self.kernel * self.kernel
+    }
+
+    fn pack(&self, j0: usize, nr: usize, k0: usize, kc: usize, dst: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports AVX-512F (checked just above).
+            return unsafe { self.pack_avx512((j0, nr, k0, kc), dst) };
+        }
+        self.pack_with((j0, nr, k0, kc), dst, |src, dst| dst.copy_from_slice(src))
     }
 }
 
@@ -446,7 +497,7 @@ impl FoldedConv {
                 Ok(kernel.forward(x))
             }
             HostConv::Dense { weight, bias } => {
-                let (mut out, accumulate, activation) = match residual {
+                let (out, accumulate, activation) = match residual {
                     Some((r, act)) => {
                         assert_eq!(
                             self.activation,
@@ -458,42 +509,68 @@ impl FoldedConv {
                         {
                             bail!("residual map does not match the convolution output")
                         }
-                        (r, true, act)
+                        (Some(r), true, act)
                     }
-                    None => (
-                        ChannelMajor::zeros(s.out_channels, x.batch, oh, ow),
-                        false,
-                        self.activation,
-                    ),
+                    None => (None, false, self.activation),
                 };
                 let epilogue = Epilogue {
                     accumulate,
                     bias: Bias::PerRow(bias),
                     activation: activation.for_gemm(),
                 };
-                let cols = out.columns();
-                let dst = MatMut::row_major(&mut out.data, s.out_channels, cols);
                 let kernel = weight.kernel();
-                if s.kernel == 1 && s.stride == 1 && s.padding == 0 {
-                    let src = MatRef::row_major(&x.data, x.channels, x.columns());
-                    gemm::gemm(
-                        kernel,
-                        Lhs::Packed(weight),
-                        Rhs::Source(&src),
-                        dst,
-                        &epilogue,
-                    );
-                } else {
-                    let src = ConvColumns::new(x, s);
-                    gemm::gemm(
-                        kernel,
-                        Lhs::Packed(weight),
-                        Rhs::Source(&src),
-                        dst,
-                        &epilogue,
-                    );
+                let run = |dst: MatMut| {
+                    if s.kernel == 1 && s.stride == 1 && s.padding == 0 {
+                        let src = MatRef::row_major(&x.data, x.channels, x.columns());
+                        gemm::gemm(
+                            kernel,
+                            Lhs::Packed(weight),
+                            Rhs::Source(&src),
+                            dst,
+                            &epilogue,
+                        );
+                    } else {
+                        let src = ConvColumns::new(x, s);
+                        gemm::gemm(
+                            kernel,
+                            Lhs::Packed(weight),
+                            Rhs::Source(&src),
+                            dst,
+                            &epilogue,
+                        );
+                    }
+                };
+                let cols = x.batch * oh * ow;
+                match out {
+                    Some(mut r) => {
+                        run(MatMut::row_major(&mut r.data, s.out_channels, cols));
+                        Ok(r)
+                    }
+                    None => {
+                        let len = s.out_channels * cols;
+                        let mut data = Vec::<f32>::with_capacity(len);
+                        // SAFETY: `data` has room for the `C_out × cols`
+                        // output, and a product without `accumulate` writes
+                        // every element before reading any (later depth
+                        // blocks read what the first one wrote).
+                        unsafe {
+                            run(MatMut::from_raw_parts(
+                                data.as_mut_ptr(),
+                                s.out_channels,
+                                cols,
+                                cols,
+                            ));
+                            data.set_len(len);
+                        }
+                        Ok(ChannelMajor {
+                            data,
+                            channels: s.out_channels,
+                            batch: x.batch,
+                            height: oh,
+                            width: ow,
+                        })
+                    }
                 }
-                Ok(out)
             }
         }
     }

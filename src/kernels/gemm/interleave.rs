@@ -152,7 +152,9 @@ mod probe {
             let t = std::time::Instant::now();
             for _ in 0..reps {
                 for p in 0..rows_n / 14 {
-                    let rows: Vec<&[f32]> = (0..14).map(|r| &data[(p * 14 + r) * cols..(p * 14 + r + 1) * cols]).collect();
+                    let rows: Vec<&[f32]> = (0..14)
+                        .map(|r| &data[(p * 14 + r) * cols..(p * 14 + r + 1) * cols])
+                        .collect();
                     super::interleave(&rows, cols, 14, &mut dst);
                 }
             }
@@ -160,11 +162,17 @@ mod probe {
             let t2 = std::time::Instant::now();
             for _ in 0..reps {
                 for p in 0..rows_n / 14 {
-                    let rows: Vec<&[f32]> = (0..14).map(|r| &data[(p * 14 + r) * cols..(p * 14 + r + 1) * cols]).collect();
+                    let rows: Vec<&[f32]> = (0..14)
+                        .map(|r| &data[(p * 14 + r) * cols..(p * 14 + r + 1) * cols])
+                        .collect();
                     super::portable(&rows, cols, 14, &mut dst);
                 }
             }
-            println!("{rows_n}x{cols}: avx512 {:.2} ns/elem, portable {:.2} ns/elem", t.elapsed().as_secs_f64() * 0.0 + (t2 - t).as_secs_f64() / el * 1e9, t2.elapsed().as_secs_f64() / el * 1e9);
+            println!(
+                "{rows_n}x{cols}: avx512 {:.2} ns/elem, portable {:.2} ns/elem",
+                t.elapsed().as_secs_f64() * 0.0 + (t2 - t).as_secs_f64() / el * 1e9,
+                t2.elapsed().as_secs_f64() / el * 1e9
+            );
         }
     }
 }

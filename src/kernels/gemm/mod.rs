@@ -244,6 +244,33 @@ impl LhsSource for MatRef<'_> {
     }
 
     fn pack(&self, i0: usize, mr: usize, k0: usize, kc: usize, dst: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports AVX-512F (checked just above).
+            return unsafe { self.pack_rows_avx512((i0, mr, k0, kc), dst) };
+        }
+        self.pack_rows((i0, mr, k0, kc), dst)
+    }
+}
+
+impl MatRef<'_> {
+    /// [`LhsSource::pack`] compiled for AVX-512 (short fixed-size copies
+    /// become vector moves instead of `memcpy` calls).
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    fn pack_rows_avx512(&self, panel: (usize, usize, usize, usize), dst: &mut [f32]) {
+        self.pack_rows(panel, dst)
+    }
+
+    /// [`RhsSource::pack`] compiled for AVX-512.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    fn pack_cols_avx512(&self, panel: (usize, usize, usize, usize), dst: &mut [f32]) {
+        self.pack_cols(panel, dst)
+    }
+
+    #[inline(always)]
+    fn pack_rows(&self, (i0, mr, k0, kc): (usize, usize, usize, usize), dst: &mut [f32]) {
         let dst = &mut dst[..kc * mr];
         let valid = mr.min(self.rows.saturating_sub(i0));
         if self.col_stride == 1 && mr <= MAX_PACK_ROWS {
@@ -286,6 +313,18 @@ impl RhsSource for MatRef<'_> {
     }
 
     fn pack(&self, j0: usize, nr: usize, k0: usize, kc: usize, dst: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports AVX-512F (checked just above).
+            return unsafe { self.pack_cols_avx512((j0, nr, k0, kc), dst) };
+        }
+        self.pack_cols((j0, nr, k0, kc), dst)
+    }
+}
+
+impl MatRef<'_> {
+    #[inline(always)]
+    fn pack_cols(&self, (j0, nr, k0, kc): (usize, usize, usize, usize), dst: &mut [f32]) {
         let valid = nr.min(self.cols.saturating_sub(j0));
         if self.row_stride == 1 && self.col_stride != 1 && nr <= MAX_PACK_COLS {
             // B stored transposed: each column is contiguous along k.
@@ -300,8 +339,14 @@ impl RhsSource for MatRef<'_> {
         for (k, out) in dst[..kc * nr].chunks_exact_mut(nr).enumerate() {
             let row = k0 + k;
             if self.col_stride == 1 {
-                let start = row * self.row_stride + j0;
-                out[..valid].copy_from_slice(&self.data[start..start + valid]);
+                let src = &self.data[row * self.row_stride + j0..];
+                // Constant widths compile to a few vector moves, not a memcpy call.
+                match valid {
+                    32 => out[..32].copy_from_slice(&src[..32]),
+                    16 => out[..16].copy_from_slice(&src[..16]),
+                    8 => out[..8].copy_from_slice(&src[..8]),
+                    _ => out[..valid].copy_from_slice(&src[..valid]),
+                }
             } else {
                 for (j, o) in out[..valid].iter_mut().enumerate() {
                     *o = self.at(row, j0 + j);

@@ -322,30 +322,9 @@ impl<'a> ConvColumns<'a> {
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f")]
     fn pack_avx512(&self, panel: (usize, usize, usize, usize), dst: &mut [f32]) {
-        self.pack_with(panel, dst, |src, dst| masked_copy(src, dst))
-    }
-}
-
-/// Copies `src` (≤ 32 floats) into `dst` of the same length with two masked
-/// vector moves instead of a `memcpy` call.
-#[cfg(target_arch = "x86_64")]
-#[inline]
-#[target_feature(enable = "avx512f")]
-fn masked_copy(src: &[f32], dst: &mut [f32]) {
-    use std::arch::x86_64::*;
-    const LANES: usize = 16;
-    let n = dst.len();
-    assert!(src.len() == n && n <= 2 * LANES, "short copies only");
-    let mask = |k: usize| -> __mmask16 { if k >= LANES { !0 } else { (1u16 << k) - 1 } };
-    // SAFETY: the masks cover exactly the n elements of both slices.
-    unsafe {
-        let m = mask(n);
-        _mm512_mask_storeu_ps(dst.as_mut_ptr(), m, _mm512_maskz_loadu_ps(m, src.as_ptr()));
-        if n > LANES {
-            let m = mask(n - LANES);
-            let v = _mm512_maskz_loadu_ps(m, src.as_ptr().add(LANES));
-            _mm512_mask_storeu_ps(dst.as_mut_ptr().add(LANES), m, v);
-        }
+        self.pack_with(panel, dst, |src, dst| {
+            crate::kernels::vector::copy_avx512(src, dst)
+        })
     }
 }
 

@@ -150,12 +150,39 @@ fn layer_norm_row_portable(row: &[f32], gamma: &[f32], beta: &[f32], eps: f32, o
     }
 }
 
+/// Copies `src` into `dst` (same length) with 16-lane vector moves and a
+/// masked tail: for the short row copies of panel packing, where a `memcpy`
+/// call costs more than the copy.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f")]
+pub(crate) fn copy_avx512(src: &[f32], dst: &mut [f32]) {
+    avx512::copy(src, dst)
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use super::*;
     use std::arch::x86_64::*;
 
     const LANES: usize = 16;
+
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn copy(src: &[f32], dst: &mut [f32]) {
+        assert_eq!(
+            src.len(),
+            dst.len(),
+            "copy between slices of different lengths"
+        );
+        for (s, d) in src.chunks(LANES).zip(dst.chunks_mut(LANES)) {
+            let m = lanes(s.len());
+            // SAFETY: the mask covers exactly the chunk's elements.
+            unsafe {
+                _mm512_mask_storeu_ps(d.as_mut_ptr(), m, _mm512_maskz_loadu_ps(m, s.as_ptr()))
+            };
+        }
+    }
 
     /// Mask of the first `n ≤ 16` lanes.
     #[inline]

@@ -266,7 +266,7 @@ impl MatRef<'_> {
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f")]
     fn pack_cols_avx512(&self, panel: (usize, usize, usize, usize), dst: &mut [f32]) {
-        self.pack_cols(panel, dst)
+        self.pack_cols(panel, dst, |src, dst| vector::copy_avx512(src, dst))
     }
 
     #[inline(always)]
@@ -318,13 +318,19 @@ impl RhsSource for MatRef<'_> {
             // SAFETY: the CPU supports AVX-512F (checked just above).
             return unsafe { self.pack_cols_avx512((j0, nr, k0, kc), dst) };
         }
-        self.pack_cols((j0, nr, k0, kc), dst)
+        self.pack_cols((j0, nr, k0, kc), dst, |src, dst| dst.copy_from_slice(src))
     }
 }
 
 impl MatRef<'_> {
+    /// The column-panel packer, with the copy of one contiguous row supplied.
     #[inline(always)]
-    fn pack_cols(&self, (j0, nr, k0, kc): (usize, usize, usize, usize), dst: &mut [f32]) {
+    fn pack_cols(
+        &self,
+        (j0, nr, k0, kc): (usize, usize, usize, usize),
+        dst: &mut [f32],
+        copy: impl Fn(&[f32], &mut [f32]),
+    ) {
         let valid = nr.min(self.cols.saturating_sub(j0));
         if self.row_stride == 1 && self.col_stride != 1 && nr <= MAX_PACK_COLS {
             // B stored transposed: each column is contiguous along k.
@@ -339,14 +345,8 @@ impl MatRef<'_> {
         for (k, out) in dst[..kc * nr].chunks_exact_mut(nr).enumerate() {
             let row = k0 + k;
             if self.col_stride == 1 {
-                let src = &self.data[row * self.row_stride + j0..];
-                // Constant widths compile to a few vector moves, not a memcpy call.
-                match valid {
-                    32 => out[..32].copy_from_slice(&src[..32]),
-                    16 => out[..16].copy_from_slice(&src[..16]),
-                    8 => out[..8].copy_from_slice(&src[..8]),
-                    _ => out[..valid].copy_from_slice(&src[..valid]),
-                }
+                let start = row * self.row_stride + j0;
+                copy(&self.data[start..start + valid], &mut out[..valid]);
             } else {
                 for (j, o) in out[..valid].iter_mut().enumerate() {
                     *o = self.at(row, j0 + j);

@@ -9,6 +9,7 @@
 //! - `reference`: the same for the candle-operation reference paths.
 //!
 //! Threads: the rayon default (all cores) unless `RAYON_NUM_THREADS` is set.
+//! `BENCH_MATMUL_GFLOPS=<rate>` replaces the square-product measurement.
 //! Real weights are read from `../shared/weights` when present (ViT-S,
 //! MobileNetV2); otherwise, and for Wide-ResNet50-2, synthetic weights are
 //! used (timing does not depend on the values).
@@ -172,7 +173,11 @@ fn vit_small(side: usize, reference: bool) -> Dinov2 {
 
 fn bench_backbones(reference: bool) {
     let threads = rayon::current_num_threads();
-    let rate = machine_rate();
+    // BENCH_MATMUL_GFLOPS skips the square-product measurement (for profiling).
+    let rate = std::env::var("BENCH_MATMUL_GFLOPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(machine_rate);
     let which = if reference {
         "candle reference paths"
     } else {
@@ -183,6 +188,9 @@ fn bench_backbones(reference: bool) {
     );
     let batches = [1, 4];
     for side in [350, 406] {
+        if !selected(&format!("ViT-S@{side}")) {
+            continue;
+        }
         let model = vit_small(side, reference);
         let flops = Dinov2::forward_flops(&Dinov2Config::vit_small(), (side, side)).expect("size");
         report(

@@ -17,6 +17,8 @@
 //! epilogue. Depthwise 3×3 convolutions use a direct kernel
 //! ([`Depthwise3x3`]). Off the CPU, candle's convolution is used.
 
+use std::mem::MaybeUninit;
+
 use candle_core::{DType, Device, Module, Result, Tensor, bail};
 use candle_nn::VarBuilder;
 use rayon::prelude::*;
@@ -46,6 +48,7 @@ pub enum Activation {
 }
 
 impl Activation {
+    #[inline(always)]
     fn apply_scalar(self, v: f32) -> f32 {
         match self {
             Activation::Identity => v,
@@ -593,6 +596,66 @@ pub struct Depthwise3x3 {
     activation: Activation,
 }
 
+/// `odd[j] = row[2j]` and `even[j] = row[2j + 1]` (the caller passes
+/// the even part from its second element).
+fn split_even_odd(row: &[f32], even: &mut [f32], odd: &mut [f32]) {
+    for (e, &v) in even.iter_mut().zip(row.iter().skip(1).step_by(2)) {
+        *e = v;
+    }
+    for (o, &v) in odd.iter_mut().zip(row.iter().step_by(2)) {
+        *o = v;
+    }
+}
+
+/// [`split_even_odd`] with two-source lane permutes, 32 inputs at a time.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn split_even_odd_avx512(row: &[f32], even: &mut [f32], odd: &mut [f32]) {
+    use std::arch::x86_64::*;
+    const LANES: usize = 16;
+    assert!(odd.len() >= row.len().div_ceil(2) && even.len() >= row.len() / 2);
+    let mask = |n: usize| -> __mmask16 { if n >= LANES { !0 } else { (1u16 << n) - 1 } };
+    let pick_even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    let pick_odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+    for (c, chunk) in row.chunks(2 * LANES).enumerate() {
+        let n = chunk.len();
+        let (n_lo, n_hi) = (n.min(LANES), n.saturating_sub(LANES));
+        // SAFETY: masked loads of the chunk's n elements; masked stores of
+        // ⌈n/2⌉ and ⌊n/2⌋ elements at c·16, inside odd and even (asserted).
+        unsafe {
+            let lo = _mm512_maskz_loadu_ps(mask(n_lo), chunk.as_ptr());
+            let hi = _mm512_maskz_loadu_ps(mask(n_hi), chunk.as_ptr().add(n_lo));
+            let xe = _mm512_permutex2var_ps(lo, pick_even, hi);
+            let xo = _mm512_permutex2var_ps(lo, pick_odd, hi);
+            _mm512_mask_storeu_ps(odd.as_mut_ptr().add(c * LANES), mask(n.div_ceil(2)), xe);
+            _mm512_mask_storeu_ps(even.as_mut_ptr().add(c * LANES), mask(n / 2), xo);
+        }
+    }
+}
+
+/// Row layout of a padded plane (see [`Depthwise3x3::pad`]).
+#[derive(Debug, Clone, Copy)]
+struct PaddedRows {
+    row_len: usize,
+    /// Length of the even part of a split (stride-2) row.
+    half: usize,
+    out_w: usize,
+}
+
+/// The input columns the three taps of a kernel row read, for `ow` outputs,
+/// from one padded row (stride 1: shifted by 0, 1, 2; stride 2: `even[ox]`,
+/// `odd[ox]`, `even[ox + 1]` of the split row).
+#[inline(always)]
+fn tap_columns(row: &[f32], stride: usize, half: usize, ow: usize) -> (&[f32], &[f32], &[f32]) {
+    if stride == 1 {
+        (&row[..ow], &row[1..=ow], &row[2..ow + 2])
+    } else {
+        let (even, odd) = row.split_at(half);
+        (&even[..ow], &odd[..ow], &even[1..=ow])
+    }
+}
+
 /// Output length of a padded, strided 3×3 convolution along one axis.
 fn depthwise_out_len(len: usize, stride: usize) -> usize {
     let pad = DEPTHWISE_KERNEL / 2;
@@ -607,7 +670,13 @@ thread_local! {
 impl Depthwise3x3 {
     /// Convolves one `(h, w)` plane into `out` (`(oh, ow)`), on the widest
     /// vector unit available.
-    fn plane(&self, channel: usize, src: &[f32], size: (usize, usize), out: &mut [f32]) {
+    fn plane(
+        &self,
+        channel: usize,
+        src: &[f32],
+        size: (usize, usize),
+        out: &mut [MaybeUninit<f32>],
+    ) {
         PADDED_PLANE.with(|buf| {
             let buf = &mut buf.borrow_mut();
             #[cfg(target_arch = "x86_64")]
@@ -621,7 +690,8 @@ impl Depthwise3x3 {
                     return unsafe { self.plane_avx2(channel, src, size, out, buf) };
                 }
             }
-            self.plane_portable(channel, src, size, out, buf)
+            let layout = self.pad(src, size, buf, |s, d| d.copy_from_slice(s), split_even_odd);
+            self.rows_portable(channel, buf, layout, out)
         })
     }
 
@@ -629,45 +699,49 @@ impl Depthwise3x3 {
     #[target_feature(enable = "avx512f")]
     fn plane_avx512(
         &self,
-        c: usize,
+        channel: usize,
         src: &[f32],
         size: (usize, usize),
-        out: &mut [f32],
+        out: &mut [MaybeUninit<f32>],
         buf: &mut Vec<f32>,
     ) {
-        self.plane_portable(c, src, size, out, buf)
+        let layout = self.pad(
+            src,
+            size,
+            buf,
+            |s, d| crate::kernels::vector::copy_avx512(s, d),
+            |row, even, odd| split_even_odd_avx512(row, even, odd),
+        );
+        self.rows_avx512(channel, buf, layout, out)
     }
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2")]
     fn plane_avx2(
         &self,
-        c: usize,
-        src: &[f32],
-        size: (usize, usize),
-        out: &mut [f32],
-        buf: &mut Vec<f32>,
-    ) {
-        self.plane_portable(c, src, size, out, buf)
-    }
-
-    #[inline(always)]
-    fn plane_portable(
-        &self,
         channel: usize,
         src: &[f32],
-        (h, w): (usize, usize),
-        out: &mut [f32],
-        padded: &mut Vec<f32>,
+        size: (usize, usize),
+        out: &mut [MaybeUninit<f32>],
+        buf: &mut Vec<f32>,
     ) {
-        let k = DEPTHWISE_KERNEL;
-        let s = self.stride;
-        let ow = depthwise_out_len(w, s);
-        let taps = &self.weight[channel * k * k..(channel + 1) * k * k];
-        let bias = self.bias[channel];
+        let layout = self.pad(src, size, buf, |s, d| d.copy_from_slice(s), split_even_odd);
+        self.rows_portable(channel, buf, layout, out)
+    }
 
-        // Padded row layout: stride 1: w + 2 columns; stride 2: the even
-        // padded columns, then the odd ones.
+    /// Copies the plane into `padded` with its zero border: stride 1, rows
+    /// of `w + 2`; stride 2, each row split into its even and odd padded
+    /// columns. Returns the row layout.
+    #[inline(always)]
+    fn pad(
+        &self,
+        src: &[f32],
+        (h, w): (usize, usize),
+        padded: &mut Vec<f32>,
+        copy: impl Fn(&[f32], &mut [f32]),
+        split: impl Fn(&[f32], &mut [f32], &mut [f32]),
+    ) -> PaddedRows {
+        let s = self.stride;
         let pw = w + 2;
         let half = pw.div_ceil(2);
         let row_len = if s == 1 { pw } else { 2 * half };
@@ -678,54 +752,99 @@ impl Depthwise3x3 {
             let dst = &mut padded[(y + 1) * row_len..(y + 2) * row_len];
             if s == 1 {
                 dst[0] = 0.0;
-                dst[1..=w].copy_from_slice(row);
+                copy(row, &mut dst[1..=w]);
                 dst[w + 1] = 0.0;
             } else {
+                // Padded column p = x + 1: even[j] = x[2j − 1], odd[j] = x[2j].
                 let (even, odd) = dst.split_at_mut(half);
-                // Padded column p = x + 1 goes to even[p / 2] or odd[p / 2].
-                even[0] = 0.0;
-                for (x, &v) in row.iter().enumerate() {
-                    let p = x + 1;
-                    if p % 2 == 0 {
-                        even[p / 2] = v
-                    } else {
-                        odd[p / 2] = v
-                    }
-                }
-                let last = w + 1;
-                if last % 2 == 0 {
-                    even[last / 2] = 0.0
-                } else {
-                    odd[last / 2] = 0.0
-                }
-                if pw % 2 == 1 {
-                    odd[half - 1] = 0.0;
-                }
+                even.fill(0.0);
+                odd.fill(0.0);
+                split(row, &mut even[1..], odd);
             }
         }
+        PaddedRows {
+            row_len,
+            half,
+            out_w: depthwise_out_len(w, s),
+        }
+    }
 
+    #[inline(always)]
+    fn rows_portable(
+        &self,
+        channel: usize,
+        padded: &[f32],
+        layout: PaddedRows,
+        out: &mut [MaybeUninit<f32>],
+    ) {
+        let k = DEPTHWISE_KERNEL;
+        let (s, ow, row_len) = (self.stride, layout.out_w, layout.row_len);
+        let taps = &self.weight[channel * k * k..(channel + 1) * k * k];
+        let bias = self.bias[channel];
+        let act = self.activation;
         for (oy, out_row) in out.chunks_exact_mut(ow).enumerate() {
-            out_row.fill(bias);
-            for ky in 0..k {
-                let in_row = &padded[(oy * s + ky) * row_len..(oy * s + ky + 1) * row_len];
-                let t = &taps[ky * k..(ky + 1) * k];
-                if s == 1 {
-                    let (a, b, c) = (&in_row[..ow], &in_row[1..=ow], &in_row[2..ow + 2]);
-                    for i in 0..ow {
-                        out_row[i] += t[0] * a[i] + t[1] * b[i] + t[2] * c[i];
-                    }
-                } else {
-                    let (even, odd) = in_row.split_at(half);
-                    let (a, b, c) = (&even[..ow], &odd[..ow], &even[1..=ow]);
-                    for i in 0..ow {
-                        out_row[i] += t[0] * a[i] + t[1] * b[i] + t[2] * c[i];
+            let row = |ky: usize| &padded[(oy * s + ky) * row_len..(oy * s + ky + 1) * row_len];
+            let tap_cols = |ky| tap_columns(row(ky), s, layout.half, ow);
+            let ((a0, b0, c0), (a1, b1, c1), (a2, b2, c2)) =
+                (tap_cols(0), tap_cols(1), tap_cols(2));
+            for (i, o) in out_row.iter_mut().enumerate() {
+                let top = taps[0] * a0[i] + taps[1] * b0[i] + taps[2] * c0[i];
+                let mid = taps[3] * a1[i] + taps[4] * b1[i] + taps[5] * c1[i];
+                let bottom = taps[6] * a2[i] + taps[7] * b2[i] + taps[8] * c2[i];
+                o.write(act.apply_scalar(bias + top + mid + bottom));
+            }
+        }
+    }
+
+    /// The output rows with 16-lane fused multiply-adds and masked tails.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    fn rows_avx512(
+        &self,
+        channel: usize,
+        padded: &[f32],
+        layout: PaddedRows,
+        out: &mut [MaybeUninit<f32>],
+    ) {
+        use std::arch::x86_64::*;
+        const LANES: usize = 16;
+        let k = DEPTHWISE_KERNEL;
+        let (s, ow, row_len) = (self.stride, layout.out_w, layout.row_len);
+        let taps: Vec<__m512> = self.weight[channel * k * k..(channel + 1) * k * k]
+            .iter()
+            .map(|&t| _mm512_set1_ps(t))
+            .collect();
+        let bias = _mm512_set1_ps(self.bias[channel]);
+        let (zero, six) = (_mm512_setzero_ps(), _mm512_set1_ps(RELU6_MAX));
+        for (oy, out_row) in out.chunks_exact_mut(ow).enumerate() {
+            let row = |ky: usize| &padded[(oy * s + ky) * row_len..(oy * s + ky + 1) * row_len];
+            let cols = [
+                tap_columns(row(0), s, layout.half, ow),
+                tap_columns(row(1), s, layout.half, ow),
+                tap_columns(row(2), s, layout.half, ow),
+            ];
+            for start in (0..ow).step_by(LANES) {
+                let n = (ow - start).min(LANES);
+                let m: __mmask16 = if n == LANES { !0 } else { (1 << n) - 1 };
+                let mut acc = bias;
+                for (ky, (a, b, c)) in cols.iter().enumerate() {
+                    // SAFETY: the masked lanes lie inside the ow-long column slices.
+                    unsafe {
+                        let load = |v: &[f32]| _mm512_maskz_loadu_ps(m, v.as_ptr().add(start));
+                        acc = _mm512_fmadd_ps(taps[3 * ky], load(a), acc);
+                        acc = _mm512_fmadd_ps(taps[3 * ky + 1], load(b), acc);
+                        acc = _mm512_fmadd_ps(taps[3 * ky + 2], load(c), acc);
                     }
                 }
-            }
-            if self.activation != Activation::Identity {
-                out_row
-                    .iter_mut()
-                    .for_each(|o| *o = self.activation.apply_scalar(*o));
+                acc = match self.activation {
+                    Activation::Identity => acc,
+                    Activation::Relu => _mm512_max_ps(acc, zero),
+                    Activation::Relu6 => _mm512_min_ps(_mm512_max_ps(acc, zero), six),
+                };
+                // SAFETY: n lanes at `start` lie inside the ow-long output row.
+                unsafe {
+                    _mm512_mask_storeu_ps(out_row.as_mut_ptr().add(start).cast::<f32>(), m, acc)
+                };
             }
         }
     }
@@ -736,16 +855,25 @@ impl Depthwise3x3 {
             depthwise_out_len(x.height, self.stride),
             depthwise_out_len(x.width, self.stride),
         );
-        let mut out = ChannelMajor::zeros(x.channels, x.batch, oh, ow);
+        let len = x.channels * x.batch * oh * ow;
+        let mut data = Vec::<f32>::with_capacity(len);
         let batch = x.batch;
-        out.data
+        data.spare_capacity_mut()[..len]
             .par_chunks_mut(oh * ow)
             .zip(x.data.par_chunks(x.plane_len()))
             .enumerate()
             .for_each(|(plane, (dst, src))| {
                 self.plane(plane / batch, src, (x.height, x.width), dst)
             });
-        out
+        // SAFETY: every plane wrote all of its oh·ow outputs above.
+        unsafe { data.set_len(len) };
+        ChannelMajor {
+            data,
+            channels: x.channels,
+            batch,
+            height: oh,
+            width: ow,
+        }
     }
 }
 
@@ -948,6 +1076,35 @@ mod tests {
         assert_eq!(spec.flops((8, 8)), 2.0 * (128 * 64 * 9 * 16) as f64);
         let dw = ConvSpec::depthwise(32, 3, 1);
         assert_eq!(dw.flops((4, 4)), 2.0 * (32 * 9 * 16) as f64);
+    }
+
+    #[test]
+    fn even_odd_split_paths_agree() {
+        for len in [1usize, 2, 15, 16, 17, 31, 32, 33, 60, 119] {
+            let row: Vec<f32> = (0..len).map(|i| i as f32 + 0.5).collect();
+            let (ne, no) = (len / 2 + 1, len.div_ceil(2) + 1);
+            let (mut even, mut odd) = (vec![-1.0; ne], vec![-1.0; no]);
+            split_even_odd(&row, &mut even, &mut odd);
+            assert!(
+                odd[..len.div_ceil(2)]
+                    .iter()
+                    .enumerate()
+                    .all(|(j, &v)| v == row[2 * j])
+            );
+            assert!(
+                even[..len / 2]
+                    .iter()
+                    .enumerate()
+                    .all(|(j, &v)| v == row[2 * j + 1])
+            );
+            #[cfg(target_arch = "x86_64")]
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                let (mut e2, mut o2) = (vec![-1.0; ne], vec![-1.0; no]);
+                // SAFETY: AVX-512F is available (checked just above).
+                unsafe { split_even_odd_avx512(&row, &mut e2, &mut o2) };
+                assert_eq!((e2, o2), (even, odd), "length {len}");
+            }
+        }
     }
 
     #[test]

@@ -647,7 +647,12 @@ impl Default for Epilogue<'_> {
 const RELU6_MAX: f32 = 6.0;
 
 impl Epilogue<'_> {
+    fn is_trivial(&self) -> bool {
+        matches!(self.bias, Bias::None) && self.activation == Activation::Identity
+    }
+
     /// Applies bias and activation to the `row`-th row of C over columns `j0 ..`.
+    #[inline(always)]
     fn finish_row(&self, row: usize, j0: usize, values: &mut [f32]) {
         match self.bias {
             Bias::None => {}
@@ -870,18 +875,38 @@ impl<'a> Plan<'a> {
                             tile,
                         );
                     }
-                    if last {
-                        for r in 0..mv {
-                            // SAFETY: row r of this tile, nv ≤ cols − j0 elements,
-                            // owned by this task.
-                            let row = unsafe {
-                                std::slice::from_raw_parts_mut(self.out.at(i0 + r, j0), nv)
-                            };
-                            self.epilogue.finish_row(i0 + r, j0, row);
-                        }
+                    if last && !self.epilogue.is_trivial() {
+                        self.finish_tile((i0, j0), (mv, nv));
                     }
                 }
             }
+        }
+    }
+
+    /// Bias and activation on the `mv × nv` tile at `(i0, j0)`, on the
+    /// widest vector unit available.
+    fn finish_tile(&self, at: (usize, usize), size: (usize, usize)) {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports AVX-512F (checked just above).
+            return unsafe { self.finish_tile_avx512(at, size) };
+        }
+        self.finish_tile_portable(at, size)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    fn finish_tile_avx512(&self, at: (usize, usize), size: (usize, usize)) {
+        self.finish_tile_portable(at, size)
+    }
+
+    #[inline(always)]
+    fn finish_tile_portable(&self, (i0, j0): (usize, usize), (mv, nv): (usize, usize)) {
+        for r in 0..mv {
+            // SAFETY: row r of this tile, nv ≤ cols − j0 elements, owned by
+            // the calling task.
+            let row = unsafe { std::slice::from_raw_parts_mut(self.out.at(i0 + r, j0), nv) };
+            self.epilogue.finish_row(i0 + r, j0, row);
         }
     }
 

@@ -136,6 +136,48 @@ impl ConvSpec {
     }
 }
 
+/// Most spare activation buffers kept per thread for reuse.
+const SPARE_BUFFERS: usize = 8;
+
+thread_local! {
+    /// Activation buffers of dropped maps, reused by later layers and
+    /// forwards: a fresh multi-megabyte allocation costs a page fault per
+    /// 4 KiB page on first touch.
+    static SPARE: std::cell::RefCell<Vec<Vec<f32>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// An empty buffer with room for `len` floats: the smallest spare one that
+/// fits, or a new one.
+fn take_buffer(len: usize) -> Vec<f32> {
+    SPARE
+        .with(|spare| {
+            let mut spare = spare.borrow_mut();
+            let best = (0..spare.len())
+                .filter(|&i| spare[i].capacity() >= len)
+                .min_by_key(|&i| spare[i].capacity())?;
+            let mut buf = spare.swap_remove(best);
+            buf.clear();
+            Some(buf)
+        })
+        .unwrap_or_else(|| Vec::with_capacity(len))
+}
+
+/// Keeps `buf` for [`take_buffer`], dropping the smallest spare when full.
+fn recycle(buf: Vec<f32>) {
+    if buf.capacity() == 0 {
+        return;
+    }
+    SPARE.with(|spare| {
+        let mut spare = spare.borrow_mut();
+        spare.push(buf);
+        if spare.len() > SPARE_BUFFERS {
+            if let Some(smallest) = (0..spare.len()).min_by_key(|&i| spare[i].capacity()) {
+                spare.swap_remove(smallest);
+            }
+        }
+    });
+}
+
 /// A batch of feature maps on the host in channel-major layout
 /// `(C, B, H, W)`: channel `c` of image `b` is the plane at `(c·B + b)·H·W`.
 /// For a single image this is the usual `(C, H, W)`.
@@ -148,11 +190,19 @@ pub struct ChannelMajor {
     pub width: usize,
 }
 
+impl Drop for ChannelMajor {
+    fn drop(&mut self) {
+        recycle(std::mem::take(&mut self.data));
+    }
+}
+
 impl ChannelMajor {
     /// Zeros of the given size.
     pub fn zeros(channels: usize, batch: usize, height: usize, width: usize) -> Self {
+        let mut data = take_buffer(channels * batch * height * width);
+        data.resize(channels * batch * height * width, 0.0);
         Self {
-            data: vec![0.0; channels * batch * height * width],
+            data,
             channels,
             batch,
             height,
@@ -221,6 +271,14 @@ pub struct ConvColumns<'a> {
     out_w: usize,
 }
 
+impl Drop for ConvColumns<'_> {
+    fn drop(&mut self) {
+        if let std::borrow::Cow::Owned(data) = &mut self.padded {
+            recycle(std::mem::take(data));
+        }
+    }
+}
+
 /// A run of panel columns on one output row: `len` columns from panel
 /// column `at`, image `image`, output row `oy`, first output column `ox`.
 #[derive(Debug, Clone, Copy, Default)]
@@ -239,7 +297,9 @@ impl<'a> ConvColumns<'a> {
         let padded = if p == 0 {
             std::borrow::Cow::Borrowed(&input.data[..])
         } else {
-            let mut data = vec![0.0f32; input.channels * input.batch * ph * pw];
+            let len = input.channels * input.batch * ph * pw;
+            let mut data = take_buffer(len);
+            data.resize(len, 0.0);
             data.par_chunks_mut(ph * pw)
                 .zip(input.data.par_chunks(input.plane_len()))
                 .for_each(|(dst, src)| {
@@ -530,7 +590,7 @@ impl FoldedConv {
                     }
                     None => {
                         let len = s.out_channels * cols;
-                        let mut data = Vec::<f32>::with_capacity(len);
+                        let mut data = take_buffer(len);
                         // SAFETY: `data` has room for the `C_out × cols`
                         // output, and a product without `accumulate` writes
                         // every element before reading any (later depth
@@ -856,7 +916,7 @@ impl Depthwise3x3 {
             depthwise_out_len(x.width, self.stride),
         );
         let len = x.channels * x.batch * oh * ow;
-        let mut data = Vec::<f32>::with_capacity(len);
+        let mut data = take_buffer(len);
         let batch = x.batch;
         data.spare_capacity_mut()[..len]
             .par_chunks_mut(oh * ow)
@@ -1076,6 +1136,23 @@ mod tests {
         assert_eq!(spec.flops((8, 8)), 2.0 * (128 * 64 * 9 * 16) as f64);
         let dw = ConvSpec::depthwise(32, 3, 1);
         assert_eq!(dw.flops((4, 4)), 2.0 * (32 * 9 * 16) as f64);
+    }
+
+    #[test]
+    fn dropped_maps_lend_their_buffers_to_later_ones() {
+        let map = ChannelMajor::zeros(4, 2, 8, 8);
+        let ptr = map.data.as_ptr();
+        drop(map);
+        // A smaller map reuses the spare buffer, zeroed.
+        let again = ChannelMajor::zeros(2, 2, 8, 8);
+        assert_eq!(again.data.as_ptr(), ptr);
+        assert!(again.data.iter().all(|&v| v == 0.0) && again.data.len() == 256);
+        let bigger = take_buffer(10_000);
+        assert!(bigger.capacity() >= 10_000 && bigger.is_empty());
+        for _ in 0..2 * SPARE_BUFFERS {
+            recycle(vec![0.0; 16]);
+        }
+        SPARE.with(|s| assert!(s.borrow().len() <= SPARE_BUFFERS));
     }
 
     #[test]

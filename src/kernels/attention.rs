@@ -5,22 +5,25 @@
 //! heads side by side inside each part, q already multiplied by `1/√Dh`.
 //! Output: `(B·T, H·Dh)`, head `h` in columns `h·Dh ..`.
 //!
-//! For every (image, head), `Kᵀ` and `V` are packed once; then each block
-//! of [`ROW_BLOCK_PANELS`] row panels of queries computes its score rows
-//! `S = Q·Kᵀ` into a per-thread buffer (kept in L2), applies the row softmax
-//! and multiplies by `V` straight into the output. Rows never interact, so
-//! results do not depend on the thread count.
+//! The products are taken transposed, so that no score matrix has to be
+//! re-packed: for every (image, head), `K` (`T × Dh`) and `Vᵀ` (`Dh × T`)
+//! are packed once as left operands; then each block of `NR` queries (one
+//! micro-kernel column panel) computes
+//! - `Sᵀ = K·Q_blockᵀ` (`T × NR`), written straight into a one-panel packed
+//!   right operand,
+//! - the softmax numerators column by column, `E = exp(Sᵀ − column max)`,
+//!   and the column sums,
+//! - `Oᵀ = Vᵀ·E` (`Dh × NR`), copied transposed into the output rows and
+//!   divided by the sums.
+//!
+//! Queries never interact, so results do not depend on the thread count.
 
 use std::cell::RefCell;
 
 use rayon::prelude::*;
 
-use super::AlignedBuf;
-use super::gemm::{self, Epilogue, Kernel, Lhs, MatMut, MatRef, PackedB, Rhs};
+use super::gemm::{self, Epilogue, Kernel, Lhs, MatMut, MatRef, PackedA, PackedB, Rhs};
 use super::vector;
-
-/// Query rows per task, in micro-kernel row panels (56 rows for AVX-512).
-const ROW_BLOCK_PANELS: usize = 4;
 
 /// Sizes of one attention call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,15 +46,27 @@ impl AttentionShape {
     }
 }
 
-/// Packed keys and values, reused from call to call (one per image and head).
+/// Packed keys and transposed values, reused from call to call (one per
+/// image and head).
 #[derive(Debug, Default)]
 pub struct AttentionWorkspace {
-    keys: Vec<PackedB>,
-    values: Vec<PackedB>,
+    keys: Vec<PackedA>,
+    values_t: Vec<PackedA>,
+}
+
+/// Per-thread buffers of one query block.
+struct BlockScratch {
+    /// `Sᵀ`, then `E`: one packed panel of `T × NR`.
+    scores: PackedB,
+    /// `Oᵀ`, `Dh × NR`.
+    out_t: Vec<f32>,
+    /// `O` of the block, `NR × Dh`.
+    out: Vec<f32>,
+    sums: Vec<f32>,
 }
 
 thread_local! {
-    static SCORES: RefCell<AlignedBuf> = RefCell::new(AlignedBuf::default());
+    static SCRATCH: RefCell<Option<BlockScratch>> = const { RefCell::new(None) };
 }
 
 /// Softmax attention of every head of every image; see the module doc.
@@ -76,66 +91,99 @@ pub fn multi_head_attention(
     }
     let pairs = batch * heads;
     let fits =
-        |p: &PackedB, depth, cols| p.kernel() == kernel && p.depth() == depth && p.cols() == cols;
-    if workspace.keys.len() != pairs || !workspace.keys.iter().all(|p| fits(p, hd, t)) {
+        |p: &PackedA, rows, depth| p.kernel() == kernel && p.rows() == rows && p.depth() == depth;
+    if workspace.keys.len() != pairs || !workspace.keys.iter().all(|p| fits(p, t, hd)) {
         workspace.keys = (0..pairs)
-            .map(|_| PackedB::with_size(kernel, hd, t))
+            .map(|_| PackedA::with_size(kernel, t, hd))
             .collect();
-        workspace.values = (0..pairs)
-            .map(|_| PackedB::with_size(kernel, t, hd))
+        workspace.values_t = (0..pairs)
+            .map(|_| PackedA::with_size(kernel, hd, t))
             .collect();
     }
-    // Kᵀ (Dh × T) and V (T × Dh) of image b, head h: strided views into qkv.
+    // K (T × Dh) and Vᵀ (Dh × T) of image b, head h: strided views into qkv.
     workspace
         .keys
         .par_iter_mut()
-        .zip(workspace.values.par_iter_mut())
+        .zip(workspace.values_t.par_iter_mut())
         .enumerate()
-        .for_each(|(pair, (keys, values))| {
+        .for_each(|(pair, (keys, values_t))| {
             let (b, h) = (pair / heads, pair % heads);
             let base = b * t * 3 * d + h * hd;
-            let k_view = MatRef::new(&qkv[base + d..], t, hd, 3 * d, 1);
-            keys.repack(&k_view.t());
-            values.repack(&MatRef::new(&qkv[base + 2 * d..], t, hd, 3 * d, 1));
+            keys.repack(&MatRef::new(&qkv[base + d..], t, hd, 3 * d, 1));
+            values_t.repack(&MatRef::new(&qkv[base + 2 * d..], t, hd, 3 * d, 1).t());
         });
 
-    let rows_per_task = ROW_BLOCK_PANELS * kernel.mr();
-    let blocks = t.div_ceil(rows_per_task);
+    let nr = kernel.nr();
+    let blocks = t.div_ceil(nr);
     let out_ptr = SendPtr(out.as_mut_ptr());
     let workspace = &*workspace;
     (0..pairs * blocks).into_par_iter().for_each(|task| {
         let (pair, block) = (task / blocks, task % blocks);
         let (b, h) = (pair / heads, pair % heads);
-        let r0 = block * rows_per_task;
-        let rows = rows_per_task.min(t - r0);
-        let q = MatRef::new(&qkv[(b * t + r0) * 3 * d + h * hd..], rows, hd, 3 * d, 1);
-        SCORES.with(|scores| {
-            let mut scores = scores.borrow_mut();
-            scores.ensure(rows * t);
-            let s = &mut scores.as_mut_slice()[..rows * t];
-            let epi = Epilogue::default();
-            gemm::gemm_serial(
-                kernel,
-                Lhs::Source(&q),
-                Rhs::Packed(&workspace.keys[pair]),
-                MatMut::row_major(s, rows, t),
-                &epi,
-            );
-            s.chunks_exact_mut(t).for_each(vector::softmax_in_place);
-            let p = MatRef::row_major(s, rows, t);
-            // SAFETY: rows r0.. of image b, columns h·Dh .. (h+1)·Dh of the
-            // output: inside `out`, and written by this task only.
-            let o = unsafe {
-                let at = out_ptr.get().add((b * t + r0) * d + h * hd);
-                MatMut::from_raw_parts(at, rows, hd, d)
+        let q0 = block * nr;
+        let queries = nr.min(t - q0);
+        // Qᵀ of the block: Dh × queries.
+        let q_t = MatRef::new(&qkv[(b * t + q0) * 3 * d + h * hd..], queries, hd, 3 * d, 1).t();
+        SCRATCH.with(|cell| {
+            let mut cell = cell.borrow_mut();
+            let fresh = |s: &BlockScratch| {
+                s.scores.kernel() == kernel
+                    && s.scores.depth() == t
+                    && s.sums.len() == nr
+                    && s.out_t.len() == hd * nr
             };
+            if !cell.as_ref().is_some_and(fresh) {
+                *cell = Some(BlockScratch {
+                    scores: PackedB::with_size(kernel, t, nr),
+                    out_t: vec![0.0; hd * nr],
+                    out: vec![0.0; nr * hd],
+                    sums: vec![0.0; nr],
+                });
+            }
+            let Some(scratch) = cell.as_mut() else { return };
+            let epi = Epilogue::default();
+            {
+                let Some(s_t) = scratch.scores.single_panel_mut() else {
+                    unreachable!("the score panel is NR columns wide")
+                };
+                gemm::gemm_serial(
+                    kernel,
+                    Lhs::Packed(&workspace.keys[pair]),
+                    Rhs::Source(&q_t),
+                    MatMut::new(s_t, t, queries, nr),
+                    &epi,
+                );
+                vector::softmax_columns_unnormalised(
+                    s_t,
+                    t,
+                    queries,
+                    nr,
+                    &mut scratch.sums[..queries],
+                );
+            }
             gemm::gemm_serial(
                 kernel,
-                Lhs::Source(&p),
-                Rhs::Packed(&workspace.values[pair]),
-                o,
+                Lhs::Packed(&workspace.values_t[pair]),
+                Rhs::Packed(&scratch.scores),
+                MatMut::row_major(&mut scratch.out_t, hd, nr),
                 &epi,
             );
+            // O = (Oᵀ)ᵀ, then each query row divided by its softmax sum.
+            gemm::transpose_into(&scratch.out_t, hd, nr, queries, &mut scratch.out);
+            for (j, row) in scratch.out.chunks_exact(hd).take(queries).enumerate() {
+                let inv = 1.0 / scratch.sums[j];
+                // SAFETY: row q0 + j of image b, columns h·Dh .. (h+1)·Dh of
+                // the output: inside `out`, and written by this task only.
+                let dst = unsafe {
+                    std::slice::from_raw_parts_mut(
+                        out_ptr.get().add((b * t + q0 + j) * d + h * hd),
+                        hd,
+                    )
+                };
+                for (o, &v) in dst.iter_mut().zip(row) {
+                    *o = v * inv;
+                }
+            }
         });
     });
 }

@@ -117,6 +117,44 @@ pub fn softmax_in_place(row: &mut [f32]) {
     row.iter_mut().for_each(|v| *v *= inv);
 }
 
+/// Column-wise softmax numerators of the `rows × cols` matrix stored
+/// row-major with row stride `stride`, in place:
+/// `x[i][j] ← e^(x[i][j] − max_i x[i][j])`, and `sums[j] = Σ_i` of the new
+/// values (the caller divides by them later).
+pub fn softmax_columns_unnormalised(
+    data: &mut [f32],
+    rows: usize,
+    cols: usize,
+    stride: usize,
+    sums: &mut [f32],
+) {
+    assert!(cols <= stride && sums.len() == cols, "column count");
+    assert!(
+        rows == 0 || (rows - 1) * stride + cols <= data.len(),
+        "matrix exceeds the buffer"
+    );
+    if rows == 0 || cols == 0 {
+        sums.fill(0.0);
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if has_avx512() {
+        // SAFETY: AVX-512F is available (checked just above).
+        return unsafe { avx512::softmax_columns(data, rows, cols, stride, sums) };
+    }
+    for (j, sum) in sums.iter_mut().enumerate() {
+        let max = (0..rows)
+            .map(|i| data[i * stride + j])
+            .fold(f32::NEG_INFINITY, f32::max);
+        *sum = 0.0;
+        for i in 0..rows {
+            let e = (data[i * stride + j] - max).exp();
+            data[i * stride + j] = e;
+            *sum += e;
+        }
+    }
+}
+
 /// Layer norm of every `d`-wide row of `x` into `out`:
 /// `(x − mean) / √(var + eps) · gamma + beta`, biased variance.
 pub fn layer_norm_rows(x: &[f32], gamma: &[f32], beta: &[f32], eps: f32, out: &mut [f32]) {
@@ -290,6 +328,41 @@ mod avx512 {
     }
 
     #[target_feature(enable = "avx512f")]
+    pub(super) fn softmax_columns(
+        data: &mut [f32],
+        rows: usize,
+        cols: usize,
+        stride: usize,
+        sums: &mut [f32],
+    ) {
+        for c0 in (0..cols).step_by(LANES) {
+            let m = lanes(cols - c0);
+            let mut vmax = _mm512_set1_ps(f32::NEG_INFINITY);
+            for i in 0..rows {
+                // SAFETY: masked lanes c0.. < cols of row i, inside data (asserted by the caller).
+                vmax = _mm512_max_ps(vmax, unsafe {
+                    _mm512_mask_loadu_ps(vmax, m, data.as_ptr().add(i * stride + c0))
+                });
+            }
+            let mut vsum = _mm512_setzero_ps();
+            for i in 0..rows {
+                // SAFETY: as above.
+                unsafe {
+                    let p = data.as_mut_ptr().add(i * stride + c0);
+                    let e = _mm512_maskz_mov_ps(
+                        m,
+                        exp(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, p), vmax)),
+                    );
+                    vsum = _mm512_add_ps(vsum, e);
+                    _mm512_mask_storeu_ps(p, m, e);
+                }
+            }
+            // SAFETY: masked lanes c0.. < cols of sums.
+            unsafe { _mm512_mask_storeu_ps(sums.as_mut_ptr().add(c0), m, vsum) };
+        }
+    }
+
+    #[target_feature(enable = "avx512f")]
     pub(super) fn layer_norm_row(
         row: &[f32],
         gamma: &[f32],
@@ -419,6 +492,42 @@ mod tests {
         let mut extreme = vec![0.0f32, -200.0, 1e4];
         softmax_in_place(&mut extreme);
         assert_eq!(extreme, vec![0.0, 0.0, 1.0]);
+    }
+
+    #[test]
+    fn column_softmax_matches_f64_reference() {
+        let (rows, stride) = (37, 40);
+        for cols in [1usize, 16, 19, 33] {
+            let mut data: Vec<f32> = (0..rows * stride)
+                .map(|i| ((i * 29 % 53) as f32 - 26.0) * 0.4)
+                .collect();
+            let original = data.clone();
+            let mut sums = vec![f32::NAN; cols];
+            softmax_columns_unnormalised(&mut data, rows, cols, stride, &mut sums);
+            for j in 0..cols {
+                let col: Vec<f64> = (0..rows).map(|i| original[i * stride + j] as f64).collect();
+                let max = col.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let total: f64 = col.iter().map(|v| (v - max).exp()).sum();
+                assert!(
+                    (sums[j] as f64 - total).abs() < 1e-5 * total,
+                    "sum of column {j}"
+                );
+                for i in 0..rows {
+                    let want = (col[i] - max).exp();
+                    assert!(
+                        (data[i * stride + j] as f64 - want).abs() < 3e-6 * want.max(1e-3),
+                        "({i}, {j})"
+                    );
+                }
+            }
+            // Columns past `cols` are left alone.
+            for i in 0..rows {
+                assert_eq!(
+                    data[i * stride + cols..(i + 1) * stride],
+                    original[i * stride + cols..(i + 1) * stride]
+                );
+            }
+        }
     }
 
     #[test]

@@ -382,10 +382,32 @@ pub struct PackedA {
 impl PackedA {
     /// Packs `src` for `kernel`.
     pub fn new(kernel: Kernel, src: &dyn LhsSource) -> Self {
-        let (rows, depth, mr) = (src.rows(), src.depth(), kernel.mr());
-        let panels = rows.div_ceil(mr);
-        let blocks = DepthBlocks::new(depth);
-        let mut data = AlignedBuf::zeros(panels * mr * depth);
+        let mut packed = Self::with_size(kernel, src.rows(), src.depth());
+        packed.repack(src);
+        packed
+    }
+
+    /// An all-zero packed operand of the given size, to be filled by [`Self::repack`].
+    pub fn with_size(kernel: Kernel, rows: usize, depth: usize) -> Self {
+        let mr = kernel.mr();
+        Self {
+            kernel,
+            rows,
+            depth,
+            data: AlignedBuf::zeros(rows.div_ceil(mr) * mr * depth),
+        }
+    }
+
+    /// Packs `src` (of the same size) into this buffer, reusing its memory.
+    pub fn repack(&mut self, src: &dyn LhsSource) {
+        assert_eq!(
+            (src.rows(), src.depth()),
+            (self.rows, self.depth),
+            "repack with a differently sized operand"
+        );
+        let mr = self.kernel.mr();
+        let panels = self.rows.div_ceil(mr);
+        let blocks = DepthBlocks::new(self.depth);
         for b in 0..blocks.count {
             let (k0, kc) = blocks.get(b);
             for p in 0..panels {
@@ -395,15 +417,9 @@ impl PackedA {
                     mr,
                     k0,
                     kc,
-                    &mut data.as_mut_slice()[off..off + kc * mr],
+                    &mut self.data.as_mut_slice()[off..off + kc * mr],
                 );
             }
-        }
-        Self {
-            kernel,
-            rows,
-            depth,
-            data,
         }
     }
 
@@ -484,6 +500,15 @@ impl PackedB {
 
     pub fn kernel(&self) -> Kernel {
         self.kernel
+    }
+
+    /// For an operand of one panel (`cols ≤ NR`), its storage as a
+    /// row-major `depth × NR` matrix that can be written directly (a single
+    /// panel is stored row by row across the depth blocks). Columns past
+    /// `cols` take part in the products, so only columns of the result past
+    /// `cols` depend on them. `None` for wider operands.
+    pub fn single_panel_mut(&mut self) -> Option<&mut [f32]> {
+        (self.cols <= self.kernel.nr()).then(|| self.data.as_mut_slice())
     }
 }
 
@@ -985,6 +1010,16 @@ pub fn gemm_serial(kernel: Kernel, lhs: Lhs, rhs: Rhs, out: MatMut, epilogue: &E
     });
 }
 
+/// `dst = srcᵀ` over the first `cols` columns of `src` (`rows` rows of
+/// stride `stride`): `dst[j·rows + i] = src[i·stride + j]` for `j < cols`.
+pub fn transpose_into(src: &[f32], rows: usize, stride: usize, cols: usize, dst: &mut [f32]) {
+    assert!(cols <= stride, "more columns than the row stride");
+    let row_refs: Vec<&[f32]> = (0..rows)
+        .map(|i| &src[i * stride..i * stride + cols])
+        .collect();
+    interleave::interleave(&row_refs, cols, rows, dst);
+}
+
 /// Floating-point operations of an `m × k · k × n` product (2·m·k·n).
 pub fn flops(m: usize, k: usize, n: usize) -> f64 {
     2.0 * m as f64 * k as f64 * n as f64
@@ -1238,6 +1273,33 @@ mod tests {
                 one.iter()
                     .zip(&serial)
                     .all(|(x, y)| x.to_bits() == y.to_bits())
+            );
+        }
+    }
+
+    #[test]
+    fn transpose_and_single_panel_writes_agree_with_plain_loops() {
+        let (rows, stride, cols) = (37, 40, 33);
+        let src = random(rows * stride, 21);
+        let mut dst = vec![f32::NAN; cols * rows];
+        transpose_into(&src, rows, stride, cols, &mut dst);
+        for j in 0..cols {
+            for i in 0..rows {
+                assert_eq!(dst[j * rows + i], src[i * stride + j]);
+            }
+        }
+        // A one-panel B written in place equals the same matrix packed.
+        for kernel in Kernel::available() {
+            let (k, n) = (300, kernel.nr());
+            let b = random(k * n, 22);
+            let packed = PackedB::new(kernel, &MatRef::row_major(&b, k, n));
+            let mut direct = PackedB::with_size(kernel, k, n);
+            direct.single_panel_mut().unwrap()[..k * n].copy_from_slice(&b);
+            assert_eq!(packed.data.as_slice(), direct.data.as_slice());
+            assert!(
+                PackedB::with_size(kernel, k, n + 1)
+                    .single_panel_mut()
+                    .is_none()
             );
         }
     }

@@ -107,3 +107,13 @@ pub fn bitwise_equal(a: &Tensor, b: &Tensor) -> bool {
     };
     a.dims() == b.dims() && bits(a) == bits(b)
 }
+
+/// Runs `f` on a fresh rayon pool of `threads` threads.
+#[cfg(test)]
+pub fn with_threads<T: Send>(threads: usize, f: impl FnOnce() -> T + Send) -> T {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .expect("thread pool")
+        .install(f)
+}

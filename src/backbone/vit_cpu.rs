@@ -22,8 +22,12 @@ use crate::kernels::gemm::{
 };
 use crate::kernels::vector;
 
-/// Rows per rayon task in the layer norms.
+/// Rows per rayon task in the final layer norm.
 const NORM_ROWS_PER_TASK: usize = 32;
+/// Token rows per fused task, in micro-kernel row panels (84 rows for
+/// AVX-512): the block's normed rows and MLP hidden rows stay in L2 between
+/// the products that use them.
+const FUSED_ROW_PANELS: usize = 6;
 /// Input channels (RGB).
 const IMAGE_CHANNELS: usize = 3;
 
@@ -74,6 +78,31 @@ impl PackedLinear {
         Ok(Self::new(kernel, weight, bias, row_scale))
     }
 
+    /// [`Self::apply`] on the calling thread only.
+    fn apply_serial(
+        &self,
+        kernel: Kernel,
+        x: &[f32],
+        rows: usize,
+        out: &mut [f32],
+        accumulate: bool,
+        activation: Activation,
+    ) {
+        let (inp, width) = (self.weight.depth(), self.weight.cols());
+        let epilogue = Epilogue {
+            accumulate,
+            bias: Bias::PerCol(&self.bias),
+            activation,
+        };
+        gemm::gemm_serial(
+            kernel,
+            Lhs::Source(&MatRef::row_major(x, rows, inp)),
+            Rhs::Packed(&self.weight),
+            MatMut::row_major(out, rows, width),
+            &epilogue,
+        );
+    }
+
     /// `out (+)= act(x·Wᵀ + b)` for `x (rows, in)`.
     fn apply(
         &self,
@@ -113,6 +142,11 @@ impl Norm {
             gamma: host(&vb.get(d, "weight")?)?,
             beta: host(&vb.get(d, "bias")?)?,
         })
+    }
+
+    /// Normalises every row of `x` into `out` on the calling thread.
+    fn apply_serial(&self, x: &[f32], out: &mut [f32]) {
+        vector::layer_norm_rows(x, &self.gamma, &self.beta, LAYER_NORM_EPS as f32, out)
     }
 
     /// Normalises every row of `x` into `out`, rows spread over threads.
@@ -176,11 +210,65 @@ impl Block {
 
 /// Activation buffers of one forward, sized for `rows = B·T` tokens.
 struct Buffers {
-    normed: Vec<f32>,
     qkv: Vec<f32>,
     attended: Vec<f32>,
-    hidden: Vec<f32>,
     attention: AttentionWorkspace,
+}
+
+/// Per-thread buffers of one fused row block.
+#[derive(Default)]
+struct RowScratch {
+    normed: Vec<f32>,
+    hidden: Vec<f32>,
+}
+
+thread_local! {
+    static ROW_SCRATCH: std::cell::RefCell<RowScratch> = std::cell::RefCell::new(RowScratch::default());
+}
+
+impl Block {
+    /// `qkv = LN1(x)·Wqkvᵀ + b`, block by block of rows.
+    fn norm_qkv(&self, kernel: Kernel, x: &[f32], qkv: &mut [f32], block_rows: usize) {
+        let d = self.norm1.gamma.len();
+        let width = self.qkv.weight.cols();
+        x.par_chunks(block_rows * d)
+            .zip(qkv.par_chunks_mut(block_rows * width))
+            .for_each(|(x, qkv)| {
+                let rows = x.len() / d;
+                ROW_SCRATCH.with(|s| {
+                    let normed = &mut s.borrow_mut().normed;
+                    normed.resize(rows * d, 0.0);
+                    self.norm1.apply_serial(x, normed);
+                    self.qkv
+                        .apply_serial(kernel, normed, rows, qkv, false, Activation::Identity);
+                })
+            });
+    }
+
+    /// `x += GELU(LN2(x)·W1ᵀ + b1)·W2ᵀ + b2`, block by block of rows.
+    fn norm_mlp(&self, kernel: Kernel, x: &mut [f32], block_rows: usize) {
+        let d = self.norm2.gamma.len();
+        let hidden_width = self.fc1.weight.cols();
+        x.par_chunks_mut(block_rows * d).for_each(|x| {
+            let rows = x.len() / d;
+            ROW_SCRATCH.with(|s| {
+                let s = &mut *s.borrow_mut();
+                s.normed.resize(rows * d, 0.0);
+                s.hidden.resize(rows * hidden_width, 0.0);
+                self.norm2.apply_serial(x, &mut s.normed);
+                self.fc1.apply_serial(
+                    kernel,
+                    &s.normed,
+                    rows,
+                    &mut s.hidden,
+                    false,
+                    Activation::GeluErf,
+                );
+                self.fc2
+                    .apply_serial(kernel, &s.hidden, rows, x, true, Activation::Identity);
+            })
+        });
+    }
 }
 
 /// The DINOv2 patch embedding and encoder with packed weights.
@@ -268,10 +356,8 @@ impl CpuEncoder {
         }
 
         let mut buf = Buffers {
-            normed: vec![0.0; rows * d],
             qkv: vec![0.0; rows * 3 * d],
             attended: vec![0.0; rows * d],
-            hidden: vec![0.0; rows * cfg.mlp_size],
             attention: AttentionWorkspace::default(),
         };
         let shape = AttentionShape {
@@ -280,16 +366,9 @@ impl CpuEncoder {
             heads: cfg.num_heads,
             head_dim: d / cfg.num_heads,
         };
+        let block_rows = FUSED_ROW_PANELS * kernel.mr();
         for block in &self.blocks {
-            block.norm1.apply(&x, &mut buf.normed);
-            block.qkv.apply(
-                kernel,
-                &buf.normed,
-                rows,
-                &mut buf.qkv,
-                false,
-                Activation::Identity,
-            );
+            block.norm_qkv(kernel, &x, &mut buf.qkv, block_rows);
             attention::multi_head_attention(
                 kernel,
                 shape,
@@ -305,26 +384,11 @@ impl CpuEncoder {
                 true,
                 Activation::Identity,
             );
-            block.norm2.apply(&x, &mut buf.normed);
-            block.fc1.apply(
-                kernel,
-                &buf.normed,
-                rows,
-                &mut buf.hidden,
-                false,
-                Activation::GeluErf,
-            );
-            block.fc2.apply(
-                kernel,
-                &buf.hidden,
-                rows,
-                &mut x,
-                true,
-                Activation::Identity,
-            );
+            block.norm_mlp(kernel, &mut x, block_rows);
         }
-        self.norm.apply(&x, &mut buf.normed);
-        buf.normed
+        let mut out = vec![0.0; rows * d];
+        self.norm.apply(&x, &mut out);
+        out
     }
 
     /// Floating-point operations of one image's forward at a patch grid of

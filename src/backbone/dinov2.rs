@@ -572,6 +572,15 @@ mod tests {
             &single,
             &from_batch
         ));
+        // The same bits whatever the number of threads.
+        for threads in [1, 3] {
+            let other =
+                crate::backbone::synthetic::with_threads(threads, || fast.forward(&x).unwrap());
+            assert!(
+                crate::backbone::synthetic::bitwise_equal(&other, &a),
+                "{threads} threads"
+            );
+        }
         assert!(Dinov2::forward_flops(&cfg, (28, 42)).unwrap() > 0.0);
     }
 

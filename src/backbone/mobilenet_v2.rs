@@ -265,6 +265,11 @@ mod tests {
             &s16,
             &a16.narrow(0, 2, 1).unwrap()
         ));
+        for threads in [1, 3] {
+            let (t8, t16) = synthetic::with_threads(threads, || model.forward(&x).unwrap());
+            assert!(synthetic::bitwise_equal(&t8, &a8), "{threads} threads");
+            assert!(synthetic::bitwise_equal(&t16, &a16), "{threads} threads");
+        }
         assert!(model.forward_flops((238, 238)) > 1e8);
     }
 

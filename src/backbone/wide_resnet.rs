@@ -348,6 +348,18 @@ mod tests {
             &s3,
             &l3.narrow(0, 1, 1).unwrap()
         ));
+        for threads in [1, 3] {
+            let (t2, t3) =
+                crate::backbone::synthetic::with_threads(threads, || model.forward(&x).unwrap());
+            assert!(
+                crate::backbone::synthetic::bitwise_equal(&t2, &l2),
+                "{threads} threads"
+            );
+            assert!(
+                crate::backbone::synthetic::bitwise_equal(&t3, &l3),
+                "{threads} threads"
+            );
+        }
         assert!(model.forward_flops((238, 238)) > 1e10);
     }
 

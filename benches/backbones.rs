@@ -218,7 +218,7 @@ fn bench_backbones(reference: bool) {
     ] {
         let flops = cnn.forward_flops((cnn_side, cnn_side));
         report(name, flops, rate, &batches, cnn_side, &|x| {
-            let _ = match &cnn {
+            match &cnn {
                 _ if !reference => cnn.forward(x).map(|_| ()),
                 CnnBackbone::MobileNetV2(m) => m.forward_reference(x).map(|_| ()),
                 CnnBackbone::WideResNet50(m) => m.forward_reference(x).map(|_| ()),

@@ -170,10 +170,10 @@ fn recycle(buf: Vec<f32>) {
     SPARE.with(|spare| {
         let mut spare = spare.borrow_mut();
         spare.push(buf);
-        if spare.len() > SPARE_BUFFERS {
-            if let Some(smallest) = (0..spare.len()).min_by_key(|&i| spare[i].capacity()) {
-                spare.swap_remove(smallest);
-            }
+        if spare.len() > SPARE_BUFFERS
+            && let Some(smallest) = (0..spare.len()).min_by_key(|&i| spare[i].capacity())
+        {
+            spare.swap_remove(smallest);
         }
     });
 }

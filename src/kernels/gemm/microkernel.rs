@@ -162,33 +162,3 @@ pub(super) mod portable {
         }
     }
 }
-
-#[cfg(test)]
-mod probe {
-    #[test]
-    #[ignore]
-    fn peak_probe() {
-        #[cfg(target_arch = "x86_64")]
-        {
-            use super::avx512::*;
-            for kc in [64usize, 128, 192, 256, 384] {
-                let a = vec![0.001f32; kc * MR];
-                let b = vec![0.001f32; kc * NR];
-                let mut c = vec![0.0f32; MR * NR];
-                let iters = 200_000_000 / (kc * 14 * 32);
-                let mut best = f64::MAX;
-                for _ in 0..5 {
-                    let t = std::time::Instant::now();
-                    for _ in 0..iters {
-                        unsafe { kernel(kc, a.as_ptr(), b.as_ptr(), c.as_mut_ptr(), NR, true) };
-                    }
-                    best = best.min(t.elapsed().as_secs_f64());
-                }
-                println!(
-                    "kc {kc}: {:.1} GFLOP/s",
-                    2.0 * (kc * MR * NR * iters) as f64 / best * 1e-9
-                );
-            }
-        }
-    }
-}

@@ -30,6 +30,7 @@ pub mod fit;
 pub mod fusion;
 pub mod heatmap;
 pub mod image_io;
+pub mod kernels;
 pub mod linalg;
 pub mod memory_bank;
 pub mod metrics;

@@ -10,6 +10,10 @@
 //! embeddings are resampled to the input's patch grid the way timm does for
 //! `dynamic_img_size=True` models (antialiased bicubic, a = −0.5, see
 //! [`crate::resample`]), once per input size, and cached.
+//!
+//! On the CPU with f32 weights the encoder runs on the packed kernels of
+//! [`crate::kernels`] (see `vit_cpu`); elsewhere, and in
+//! [`Dinov2::new_reference`], it is built from candle operations.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -17,6 +21,8 @@ use std::sync::Mutex;
 use candle_core::{DType, Module, Result, Tensor, bail};
 use candle_nn::{LayerNorm, Linear, VarBuilder};
 
+use super::vit_cpu::CpuEncoder;
+use crate::kernels::gemm::Kernel;
 use crate::resample::{self, Filter};
 
 /// Side of the square patches, in pixels.
@@ -112,6 +118,8 @@ struct Embeddings {
     cls_with_position: Tensor,
     /// The pretrained patch-position grid, `(37, 37, D)` interleaved, for resampling.
     native_grid: Vec<f32>,
+    /// `cls_with_position` on the host, `(D,)`.
+    cls_with_position_host: Vec<f32>,
     /// The CLS position embedding, `(1, 1, D)`.
     cls_position: Tensor,
     patch_embeddings: PatchEmbeddings,
@@ -131,8 +139,13 @@ impl Embeddings {
             .to_dtype(DType::F32)?
             .flatten_all()?
             .to_vec1()?;
+        let cls_with_position = (cls_token + &cls_position)?;
         Ok(Self {
-            cls_with_position: (cls_token + &cls_position)?,
+            cls_with_position_host: cls_with_position
+                .to_dtype(DType::F32)?
+                .flatten_all()?
+                .to_vec1()?,
+            cls_with_position,
             native_grid,
             cls_position,
             patch_embeddings: PatchEmbeddings::new(vb.pp("patch_embeddings"), hidden)?,
@@ -300,6 +313,20 @@ impl Module for Block {
     }
 }
 
+/// The transformer layers and final norm, in one of two implementations.
+#[derive(Debug)]
+enum Encoder {
+    /// candle operations (any device).
+    Reference {
+        /// `encoder.layer`.
+        layers: Vec<Block>,
+        /// `layernorm`: the final norm.
+        layernorm: LayerNorm,
+    },
+    /// Packed weights on the CPU kernels (also computes the patch projection).
+    Cpu(Box<CpuEncoder>),
+}
+
 /// A frozen DINOv2 ViT/14 backbone.
 ///
 /// The position-embedding table for the construction size is resampled up
@@ -308,10 +335,7 @@ impl Module for Block {
 #[derive(Debug)]
 pub struct Dinov2 {
     embeddings: Embeddings,
-    /// `encoder.layer`.
-    layers: Vec<Block>,
-    /// `layernorm`: the final norm.
-    layernorm: LayerNorm,
+    encoder: Encoder,
     config: Dinov2Config,
     input_size: (usize, usize),
 }
@@ -319,23 +343,49 @@ pub struct Dinov2 {
 impl Dinov2 {
     /// Loads a DINOv2 from Hugging Face names (`vb` at the checkpoint root) for
     /// inputs of `input_size = (H, W)` pixels. `embeddings.mask_token` is not read.
+    /// f32 weights on the CPU are packed for the CPU kernels.
     pub fn new(vb: VarBuilder, cfg: &Dinov2Config, input_size: (usize, usize)) -> Result<Self> {
+        let cpu = vb.device().is_cpu() && vb.dtype() == DType::F32;
+        Self::build(vb, cfg, input_size, cpu)
+    }
+
+    /// [`Self::new`] built from candle operations whatever the device: the
+    /// reference the CPU kernels are tested and timed against.
+    pub fn new_reference(
+        vb: VarBuilder,
+        cfg: &Dinov2Config,
+        input_size: (usize, usize),
+    ) -> Result<Self> {
+        Self::build(vb, cfg, input_size, false)
+    }
+
+    fn build(
+        vb: VarBuilder,
+        cfg: &Dinov2Config,
+        input_size: (usize, usize),
+        cpu: bool,
+    ) -> Result<Self> {
         assert!(
             cfg.num_heads > 0 && cfg.hidden_size.is_multiple_of(cfg.num_heads),
             "hidden size must split evenly over the heads: {cfg:?}"
         );
         let grid = patch_grid(input_size)?;
         let embeddings = Embeddings::new(vb.pp("embeddings"), cfg.hidden_size)?;
-        let layer_vb = vb.pp("encoder").pp("layer");
-        let layers = (0..cfg.num_layers)
-            .map(|i| Block::new(layer_vb.pp(i), cfg))
-            .collect::<Result<Vec<_>>>()?;
-        let layernorm = candle_nn::layer_norm(cfg.hidden_size, LAYER_NORM_EPS, vb.pp("layernorm"))?;
+        let encoder = if cpu {
+            Encoder::Cpu(Box::new(CpuEncoder::load(&vb, cfg, Kernel::best())?))
+        } else {
+            let layer_vb = vb.pp("encoder").pp("layer");
+            let layers = (0..cfg.num_layers)
+                .map(|i| Block::new(layer_vb.pp(i), cfg))
+                .collect::<Result<Vec<_>>>()?;
+            let layernorm =
+                candle_nn::layer_norm(cfg.hidden_size, LAYER_NORM_EPS, vb.pp("layernorm"))?;
+            Encoder::Reference { layers, layernorm }
+        };
         embeddings.positions(grid)?;
         Ok(Self {
             embeddings,
-            layers,
-            layernorm,
+            encoder,
             config: cfg.clone(),
             input_size,
         })
@@ -371,11 +421,41 @@ impl Dinov2 {
             )
         }
         let grid = patch_grid((h, w))?;
-        let mut tokens = self.embeddings.forward(x, grid)?;
-        for layer in &self.layers {
-            tokens = layer.forward(&tokens)?;
+        match &self.encoder {
+            Encoder::Reference { layers, layernorm } => {
+                let mut tokens = self.embeddings.forward(x, grid)?;
+                for layer in layers {
+                    tokens = layer.forward(&tokens)?;
+                }
+                layernorm.forward(&tokens)
+            }
+            Encoder::Cpu(encoder) => {
+                let n = grid.0 * grid.1;
+                let pixels: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+                let positions: Vec<f32> = self
+                    .embeddings
+                    .positions(grid)?
+                    .narrow(1, 1, n)?
+                    .to_dtype(DType::F32)?
+                    .flatten_all()?
+                    .to_vec1()?;
+                let tokens = encoder.forward(
+                    &pixels,
+                    (b, h, w),
+                    &self.embeddings.cls_with_position_host,
+                    &positions,
+                );
+                Tensor::from_vec(tokens, (b, 1 + n, self.config.hidden_size), x.device())?
+                    .to_dtype(x.dtype())
+            }
         }
-        self.layernorm.forward(&tokens)
+    }
+
+    /// Floating-point operations of one image's forward at `(H, W)`, counting
+    /// the matrix products (patch projection, linear layers, attention).
+    pub fn forward_flops(cfg: &Dinov2Config, input_size: (usize, usize)) -> Result<f64> {
+        let (gh, gw) = patch_grid(input_size)?;
+        Ok(CpuEncoder::flops(cfg, gh * gw))
     }
 
     /// Splits a `forward` output into the CLS tokens `(B, D)` and the patch
@@ -397,6 +477,11 @@ mod tests {
 
     /// A 2-layer, 8-wide, 2-head DINOv2 with deterministic small weights.
     fn tiny() -> (Dinov2, Dinov2Config) {
+        let (vb, cfg) = tiny_weights();
+        (Dinov2::new(vb, &cfg, (28, 42)).unwrap(), cfg)
+    }
+
+    fn tiny_weights() -> (VarBuilder<'static>, Dinov2Config) {
         let cfg = Dinov2Config {
             hidden_size: 8,
             num_layers: 2,
@@ -449,8 +534,54 @@ mod tests {
         }
         add("layernorm.weight".into(), &[d]);
         add("layernorm.bias".into(), &[d]);
-        let vb = VarBuilder::from_tensors(ts, DType::F32, &dev);
-        (Dinov2::new(vb, &cfg, (28, 42)).unwrap(), cfg)
+        (VarBuilder::from_tensors(ts, DType::F32, &dev), cfg)
+    }
+
+    #[test]
+    fn cpu_kernels_match_the_candle_reference() {
+        let (vb, cfg) = tiny_weights();
+        let fast = Dinov2::new(vb.clone(), &cfg, (28, 42)).unwrap();
+        assert!(matches!(fast.encoder, Encoder::Cpu(_)));
+        let reference = Dinov2::new_reference(vb, &cfg, (28, 42)).unwrap();
+        assert!(matches!(reference.encoder, Encoder::Reference { .. }));
+        let n = 2 * 3 * 28 * 42;
+        let x = Tensor::from_vec(
+            (0..n)
+                .map(|i| ((i * 31 % 97) as f32 / 97.0 - 0.5) * 2.0)
+                .collect::<Vec<_>>(),
+            (2, 3, 28, 42),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let a = fast.forward(&x).unwrap();
+        let b = reference.forward(&x).unwrap();
+        assert_eq!(a.dims(), b.dims());
+        let diff = (&a - &b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(diff < 1e-5, "{diff}");
+        // Images of a batch are independent: the second image alone gives its rows.
+        let single = fast.forward(&x.narrow(0, 1, 1).unwrap()).unwrap();
+        let from_batch = a.narrow(0, 1, 1).unwrap();
+        assert!(crate::backbone::synthetic::bitwise_equal(
+            &single,
+            &from_batch
+        ));
+        // The same bits whatever the number of threads.
+        for threads in [1, 3] {
+            let other =
+                crate::backbone::synthetic::with_threads(threads, || fast.forward(&x).unwrap());
+            assert!(
+                crate::backbone::synthetic::bitwise_equal(&other, &a),
+                "{threads} threads"
+            );
+        }
+        assert!(Dinov2::forward_flops(&cfg, (28, 42)).unwrap() > 0.0);
     }
 
     #[test]

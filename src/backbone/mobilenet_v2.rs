@@ -9,7 +9,7 @@
 use candle_core::{Module, Result, Tensor, bail};
 use candle_nn::VarBuilder;
 
-use super::conv::{Activation, ConvSpec, FoldedConv};
+use super::conv::{Activation, ChannelMajor, ConvSpec, FoldedConv};
 
 /// Channels of the stem convolution (`features.0`).
 const STEM_CHANNELS: usize = 32;
@@ -95,13 +95,47 @@ impl InvertedResidual {
     }
 }
 
+impl InvertedResidual {
+    /// The block on a host batch, the skip sum fused into the projection.
+    fn forward_host(&self, x: ChannelMajor) -> Result<ChannelMajor> {
+        let expanded;
+        let h = match &self.expand {
+            Some(expand) => {
+                expanded = expand.forward_host(&x, None)?;
+                &expanded
+            }
+            None => &x,
+        };
+        let y = self.depthwise.forward_host(h, None)?;
+        if self.use_residual {
+            self.project
+                .forward_host(&y, Some((x, Activation::Identity)))
+        } else {
+            self.project.forward_host(&y, None)
+        }
+    }
+
+    /// FLOPs of one image at input `(h, w)`, and the output size.
+    fn flops(&self, size: (usize, usize)) -> (f64, (usize, usize)) {
+        let dw = self.depthwise.spec();
+        let out = (dw.out_len(size.0), dw.out_len(size.1));
+        let expand = self.expand.as_ref().map_or(0.0, |e| e.spec().flops(size));
+        (
+            expand + dw.flops(size) + self.project.spec().flops(out),
+            out,
+        )
+    }
+}
+
 impl Module for InvertedResidual {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let h = match &self.expand {
-            Some(expand) => expand.forward(x)?,
+            Some(expand) => expand.forward_generic(x)?,
             None => x.clone(),
         };
-        let y = self.project.forward(&self.depthwise.forward(&h)?)?;
+        let y = self
+            .project
+            .forward_generic(&self.depthwise.forward_generic(&h)?)?;
         if self.use_residual { y + x } else { Ok(y) }
     }
 }
@@ -154,7 +188,17 @@ impl MobileNetV2 {
         if c != IMAGE_CHANNELS {
             bail!("MobileNetV2 expects {IMAGE_CHANNELS} input channels, got {c} (input {h}x{w})")
         }
-        let mut x = self.stem.forward(x)?;
+        if self.stem.has_host_path() && x.device().is_cpu() {
+            self.forward_host(x)
+        } else {
+            self.forward_reference(x)
+        }
+    }
+
+    /// [`Self::forward`] through candle operations whatever the device: the
+    /// path off the CPU, and the reference the CPU path is tested against.
+    pub fn forward_reference(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
+        let mut x = self.stem.forward_generic(x)?;
         let mut stride8 = None;
         for (i, block) in self.blocks.iter().enumerate() {
             x = block.forward(&x)?;
@@ -167,11 +211,67 @@ impl MobileNetV2 {
             None => bail!("MobileNetV2 has fewer than {STRIDE8_FEATURE} blocks"),
         }
     }
+
+    fn forward_host(&self, input: &Tensor) -> Result<(Tensor, Tensor)> {
+        let mut x = self
+            .stem
+            .forward_host(&ChannelMajor::from_tensor(input)?, None)?;
+        let mut stride8 = None;
+        for (i, block) in self.blocks.iter().enumerate() {
+            x = block.forward_host(x)?;
+            if i + 1 == STRIDE8_FEATURE {
+                stride8 = Some(x.to_tensor(input.device())?.to_dtype(input.dtype())?);
+            }
+        }
+        match stride8 {
+            Some(s8) => Ok((s8, x.to_tensor(input.device())?.to_dtype(input.dtype())?)),
+            None => bail!("MobileNetV2 has fewer than {STRIDE8_FEATURE} blocks"),
+        }
+    }
+
+    /// Floating-point operations of one image's forward at `(H, W)`
+    /// (convolutions only; residual sums are not counted).
+    pub fn forward_flops(&self, (h, w): (usize, usize)) -> f64 {
+        let stem = self.stem.spec();
+        let mut total = stem.flops((h, w));
+        let mut size = (stem.out_len(h), stem.out_len(w));
+        for block in &self.blocks {
+            let (flops, next) = block.flops(size);
+            total += flops;
+            size = next;
+        }
+        total
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backbone::synthetic;
+
+    #[test]
+    fn host_path_matches_candle_and_batches_are_bitwise_per_image() {
+        let model = MobileNetV2::new(synthetic::var_builder()).unwrap();
+        let x = synthetic::input((3, 3, 50, 41));
+        let (a8, a16) = model.forward(&x).unwrap();
+        let (r8, r16) = model.forward_reference(&x).unwrap();
+        assert_eq!(a8.dims(), &[3, STRIDE8_CHANNELS, 7, 6]);
+        assert_eq!(a16.dims(), &[3, STRIDE16_CHANNELS, 4, 3]);
+        assert!(synthetic::relative_error(&a8, &r8) < 1e-5);
+        assert!(synthetic::relative_error(&a16, &r16) < 1e-5);
+        let (s8, s16) = model.forward(&x.narrow(0, 2, 1).unwrap()).unwrap();
+        assert!(synthetic::bitwise_equal(&s8, &a8.narrow(0, 2, 1).unwrap()));
+        assert!(synthetic::bitwise_equal(
+            &s16,
+            &a16.narrow(0, 2, 1).unwrap()
+        ));
+        for threads in [1, 3] {
+            let (t8, t16) = synthetic::with_threads(threads, || model.forward(&x).unwrap());
+            assert!(synthetic::bitwise_equal(&t8, &a8), "{threads} threads");
+            assert!(synthetic::bitwise_equal(&t16, &a16), "{threads} threads");
+        }
+        assert!(model.forward_flops((238, 238)) > 1e8);
+    }
 
     #[test]
     fn block_table_reaches_feature_13_with_96_channels() {

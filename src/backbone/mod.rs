@@ -12,6 +12,8 @@
 mod conv;
 pub mod dinov2;
 pub mod mobilenet_v2;
+pub mod synthetic;
+mod vit_cpu;
 pub mod wide_resnet;
 
 use std::path::{Path, PathBuf};
@@ -104,6 +106,15 @@ impl CnnBackbone {
         match self {
             CnnBackbone::MobileNetV2(_) => CnnKind::MobileNetV2,
             CnnBackbone::WideResNet50(_) => CnnKind::WideResNet50,
+        }
+    }
+
+    /// Floating-point operations of one image's forward at `(H, W)`
+    /// (convolutions only).
+    pub fn forward_flops(&self, input_size: (usize, usize)) -> f64 {
+        match self {
+            CnnBackbone::MobileNetV2(m) => m.forward_flops(input_size),
+            CnnBackbone::WideResNet50(m) => m.forward_flops(input_size),
         }
     }
 

@@ -6,11 +6,16 @@
 //! PatchCore uses. Bottlenecks are torchvision's "v1.5" (the stride sits on the
 //! 3×3 convolution) with twice the usual inner width. `layer4` and `fc` are
 //! neither computed nor read from the checkpoint.
+//!
+//! On the CPU with f32 weights the layers run on host maps
+//! ([`ChannelMajor`]), each block's residual sum and final ReLU fused into
+//! its last convolution.
 
 use candle_core::{Module, Result, Tensor, bail};
 use candle_nn::VarBuilder;
+use rayon::prelude::*;
 
-use super::conv::{Activation, ConvSpec, FoldedConv};
+use super::conv::{Activation, ChannelMajor, ConvSpec, FoldedConv};
 
 /// Channels of the 7×7 stem.
 const STEM_CHANNELS: usize = 64;
@@ -91,13 +96,39 @@ impl Bottleneck {
     }
 }
 
+impl Bottleneck {
+    /// The block on a host batch: `relu(conv3(conv2(conv1(x))) + shortcut)`.
+    fn forward_host(&self, x: ChannelMajor) -> Result<ChannelMajor> {
+        let y = self.conv1.forward_host(&x, None)?;
+        let y = self.conv2.forward_host(&y, None)?;
+        let shortcut = match &self.downsample {
+            Some(ds) => ds.forward_host(&x, None)?,
+            None => x,
+        };
+        self.conv3
+            .forward_host(&y, Some((shortcut, Activation::Relu)))
+    }
+
+    /// FLOPs of one image at input `(h, w)`, and the output size.
+    fn flops(&self, size: (usize, usize)) -> (f64, (usize, usize)) {
+        let s2 = self.conv2.spec();
+        let mid = (s2.out_len(size.0), s2.out_len(size.1));
+        let mut total =
+            self.conv1.spec().flops(size) + s2.flops(size) + self.conv3.spec().flops(mid);
+        if let Some(ds) = &self.downsample {
+            total += ds.spec().flops(size);
+        }
+        (total, mid)
+    }
+}
+
 impl Module for Bottleneck {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = self.conv1.forward(x)?;
-        let y = self.conv2.forward(&y)?;
-        let y = self.conv3.forward(&y)?;
+        let y = self.conv1.forward_generic(x)?;
+        let y = self.conv2.forward_generic(&y)?;
+        let y = self.conv3.forward_generic(&y)?;
         let shortcut = match &self.downsample {
-            Some(ds) => ds.forward(x)?,
+            Some(ds) => ds.forward_generic(x)?,
             None => x.clone(),
         };
         (y + shortcut)?.relu()
@@ -165,13 +196,87 @@ impl WideResNet50 {
                 "Wide-ResNet50-2 expects {IMAGE_CHANNELS} input channels, got {c} (input {h}x{w})"
             )
         }
-        let x = self.conv1.forward(x)?;
+        if self.conv1.has_host_path() && x.device().is_cpu() {
+            self.forward_host(x)
+        } else {
+            self.forward_reference(x)
+        }
+    }
+
+    /// [`Self::forward`] through candle operations whatever the device: the
+    /// path off the CPU, and the reference the CPU path is tested against.
+    pub fn forward_reference(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
+        let x = self.conv1.forward_generic(x)?;
         let x = max_pool_after_relu(&x)?;
         let x = run_layer(&self.layer1, x)?;
         let layer2 = run_layer(&self.layer2, x)?;
         let layer3 = run_layer(&self.layer3, layer2.clone())?;
         Ok((layer2, layer3))
     }
+
+    fn forward_host(&self, input: &Tensor) -> Result<(Tensor, Tensor)> {
+        let x = self
+            .conv1
+            .forward_host(&ChannelMajor::from_tensor(input)?, None)?;
+        let mut x = max_pool_host(&x);
+        for block in &self.layer1 {
+            x = block.forward_host(x)?;
+        }
+        for block in &self.layer2 {
+            x = block.forward_host(x)?;
+        }
+        let layer2 = x.to_tensor(input.device())?.to_dtype(input.dtype())?;
+        for block in &self.layer3 {
+            x = block.forward_host(x)?;
+        }
+        let layer3 = x.to_tensor(input.device())?.to_dtype(input.dtype())?;
+        Ok((layer2, layer3))
+    }
+
+    /// Floating-point operations of one image's forward at `(H, W)`
+    /// (convolutions only; the max pool and residual sums are not counted).
+    pub fn forward_flops(&self, (h, w): (usize, usize)) -> f64 {
+        let stem = self.conv1.spec();
+        let mut total = stem.flops((h, w));
+        let pool =
+            |len: usize| (len + 2 * (MAX_POOL_WINDOW / 2) - MAX_POOL_WINDOW) / STEM_STRIDE + 1;
+        let mut size = (pool(stem.out_len(h)), pool(stem.out_len(w)));
+        for block in self.layer1.iter().chain(&self.layer2).chain(&self.layer3) {
+            let (flops, next) = block.flops(size);
+            total += flops;
+            size = next;
+        }
+        total
+    }
+}
+
+/// [`max_pool_after_relu`] on a host batch, parallel over planes.
+fn max_pool_host(x: &ChannelMajor) -> ChannelMajor {
+    let pad = MAX_POOL_WINDOW / 2;
+    let out_len = |len: usize| (len + 2 * pad - MAX_POOL_WINDOW) / STEM_STRIDE + 1;
+    let (h, w) = (x.height, x.width);
+    let (oh, ow) = (out_len(h), out_len(w));
+    let mut out = ChannelMajor::zeros(x.channels, x.batch, oh, ow);
+    out.data
+        .par_chunks_mut(oh * ow)
+        .zip(x.data.par_chunks(h * w))
+        .for_each(|(dst, src)| {
+            for (oy, row) in dst.chunks_exact_mut(ow).enumerate() {
+                let y0 = (oy * STEM_STRIDE).saturating_sub(pad);
+                let y1 = (oy * STEM_STRIDE + MAX_POOL_WINDOW - pad).min(h);
+                for (ox, o) in row.iter_mut().enumerate() {
+                    let x0 = (ox * STEM_STRIDE).saturating_sub(pad);
+                    let x1 = (ox * STEM_STRIDE + MAX_POOL_WINDOW - pad).min(w);
+                    // Zero stands for the padding: the input is post-ReLU (≥ 0).
+                    let mut m = 0.0f32;
+                    for src_row in src[y0 * w..y1 * w].chunks_exact(w) {
+                        m = src_row[x0..x1].iter().fold(m, |a, &v| a.max(v));
+                    }
+                    *o = m;
+                }
+            }
+        });
+    out
 }
 
 fn run_layer(blocks: &[Bottleneck], mut x: Tensor) -> Result<Tensor> {
@@ -222,6 +327,64 @@ mod tests {
             .to_vec1()
             .unwrap();
         assert_eq!(y, vec![1.0, 7.0]);
+    }
+
+    #[test]
+    fn host_path_matches_candle_and_batches_are_bitwise_per_image() {
+        let model = WideResNet50::new(crate::backbone::synthetic::var_builder()).unwrap();
+        let x = crate::backbone::synthetic::input((2, 3, 45, 38));
+        let (l2, l3) = model.forward(&x).unwrap();
+        let (r2, r3) = model.forward_reference(&x).unwrap();
+        assert_eq!(l2.dims(), &[2, 512, 6, 5]);
+        assert_eq!(l3.dims(), &[2, 1024, 3, 3]);
+        assert!(crate::backbone::synthetic::relative_error(&l2, &r2) < 1e-5);
+        assert!(crate::backbone::synthetic::relative_error(&l3, &r3) < 1e-5);
+        let (s2, s3) = model.forward(&x.narrow(0, 1, 1).unwrap()).unwrap();
+        assert!(crate::backbone::synthetic::bitwise_equal(
+            &s2,
+            &l2.narrow(0, 1, 1).unwrap()
+        ));
+        assert!(crate::backbone::synthetic::bitwise_equal(
+            &s3,
+            &l3.narrow(0, 1, 1).unwrap()
+        ));
+        for threads in [1, 3] {
+            let (t2, t3) =
+                crate::backbone::synthetic::with_threads(threads, || model.forward(&x).unwrap());
+            assert!(
+                crate::backbone::synthetic::bitwise_equal(&t2, &l2),
+                "{threads} threads"
+            );
+            assert!(
+                crate::backbone::synthetic::bitwise_equal(&t3, &l3),
+                "{threads} threads"
+            );
+        }
+        assert!(model.forward_flops((238, 238)) > 1e10);
+    }
+
+    #[test]
+    fn host_max_pool_matches_the_tensor_version() {
+        let dev = Device::Cpu;
+        let (b, c, h, w) = (2, 3, 7, 6);
+        let values: Vec<f32> = (0..b * c * h * w)
+            .map(|i| ((i * 17 % 23) as f32 - 5.0).max(0.0))
+            .collect();
+        let x = Tensor::from_vec(values, (b, c, h, w), &dev).unwrap();
+        let want = max_pool_after_relu(&x).unwrap();
+        let got = max_pool_host(&ChannelMajor::from_tensor(&x).unwrap())
+            .to_tensor(&dev)
+            .unwrap();
+        assert_eq!(got.dims(), want.dims());
+        let diff = (got - want)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert_eq!(diff, 0.0);
     }
 
     #[test]

@@ -22,8 +22,12 @@
 //!   anomaly.
 //!
 //! Image scores likewise: [`ImageScoreRule::Paper`] is the weighted sum
-//! above; [`ImageScoreRule::Calibrated`] sums robust z-scores of the
-//! branches' image scores and of `max(M)`, with no hand-set λ.
+//! above, whatever the map rule: its `max(M)` is always read from the
+//! paper's product map, the map its λ_M was set for (a surprise map has other
+//! units), so the map rule changes the localisation map and not the paper's
+//! image score. [`ImageScoreRule::Calibrated`] sums robust z-scores of the
+//! branches' image scores and of `max(M)` of the rule's own map, with no
+//! hand-set λ.
 //!
 //! Every branch's output is kept, so any subset of branches can be fused the
 //! same way (the paper's ablations). A single branch alone is judged by its
@@ -225,7 +229,11 @@ pub fn fuse(
     let map_max = raw.max();
     let score = match (config.image_score, calibration) {
         (ImageScoreRule::Calibrated, Some(c)) => calibrated_score(outputs, set, rule, map_max, c),
-        _ => paper_score(outputs, set, map_max, config),
+        _ if rule == FusionRule::Paper => paper_score(outputs, set, map_max, config),
+        _ => {
+            let product_max = fused_map(outputs, set, FusionRule::Paper, 0.0, None).max();
+            paper_score(outputs, set, product_max, config)
+        }
     };
     let map = raw.gaussian_blurred_with_kernel(config.final_kernel, config.final_sigma);
     Fused {
@@ -294,7 +302,8 @@ fn geometric_mean(values: &[f32]) -> f32 {
         .powf(1.0 / values.len() as f32)
 }
 
-/// `s_pc + λ_obj·s_obj + λ_M·max(M)`, keeping the subset's terms.
+/// `s_pc + λ_obj·s_obj + λ_M·max(M)`, keeping the subset's terms; `map_max`
+/// is the maximum of the paper's product map.
 fn paper_score(
     outputs: &BranchOutputs,
     set: BranchSet,
@@ -488,5 +497,28 @@ mod tests {
         );
         // z = 1 + 2 + 3 from the branches, plus max(M) ≈ ln 2 (the median's surprise).
         assert!((f.score - (6.0 + 0.693)).abs() < 0.05, "{}", f.score);
+    }
+
+    #[test]
+    fn paper_image_score_reads_the_product_map_under_every_map_rule() {
+        let config = FusionConfig {
+            final_sigma: 0.0,
+            ..FusionConfig::default()
+        };
+        let o = three_maps(0.9, 0.8, 0.5);
+        let cal = uniform_calibration();
+        let paper = fuse(&o, BranchSet::ALL, FusionRule::Paper, &config, Some(&cal));
+        // Product map value 0.9 * 0.8 * 0.5 = 0.36 everywhere.
+        assert!((paper.map_max - 0.36).abs() < 1e-6, "{}", paper.map_max);
+        for rule in [
+            FusionRule::CalibratedProduct,
+            FusionRule::SoftOrAnd,
+            FusionRule::TwoOfThree,
+        ] {
+            let f = fuse(&o, BranchSet::ALL, rule, &config, Some(&cal));
+            // The rule's own map is on the surprise scale, not the product's.
+            assert!((f.map_max - paper.map_max).abs() > 0.1, "{rule:?}");
+            assert_eq!(f.score, paper.score, "{rule:?}");
+        }
     }
 }

@@ -151,7 +151,7 @@ struct Sizes {
 impl FeatureExtractor {
     /// Loads the backbones `config` needs from the weights search path.
     pub fn load(config: &Config, search: &WeightsSearch) -> Result<Self, FeatureError> {
-        let device = Device::Cpu;
+        let device = backbone_device();
         let mut fingerprints = BTreeMap::new();
         let mut locate = |kind: BackboneKind| -> Result<PathBuf, FeatureError> {
             let path = search.find(kind)?;
@@ -480,6 +480,21 @@ impl FeatureExtractor {
         Tensor::from_vec(data, (grids.len(), 3, size, size), &self.device)
             .map_err(compute("input batch"))
     }
+}
+
+/// Where the backbones run: the first CUDA GPU when beltad is built with the
+/// `cuda` feature and one is present (through candle's operations, not the
+/// CPU kernels), else the CPU.
+fn backbone_device() -> Device {
+    #[cfg(feature = "cuda")]
+    match Device::new_cuda(0) {
+        Ok(device) => {
+            tracing::info!("backbones on CUDA device 0");
+            return device;
+        }
+        Err(e) => tracing::warn!("no CUDA device ({e}); backbones on the CPU"),
+    }
+    Device::Cpu
 }
 
 fn load_vit(

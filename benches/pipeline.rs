@@ -311,7 +311,9 @@ fn bench_batch(
     let object_out = forward_vit(&backbones.object, object_in);
     report(
         "forward_object",
-        per(median_s(runs, || drop(forward_vit(&backbones.object, object_in)))),
+        per(median_s(runs, || {
+            drop(forward_vit(&backbones.object, object_in))
+        })),
     );
     let attribution_out = if backbones.shared() {
         object_out.clone()
@@ -416,19 +418,23 @@ fn bench_batch(
             .expect("predict");
     };
     predict(true);
-    line(name, batch, "predict", per(median_s(runs, || predict(false))));
+    line(
+        name,
+        batch,
+        "predict",
+        per(median_s(runs, || predict(false))),
+    );
     if batch == 1 {
-        println!("# {name}: fused score of {} = {:.6}", paths[0].display(), scores[0]);
+        println!(
+            "# {name}: fused score of {} = {:.6}",
+            paths[0].display(),
+            scores[0]
+        );
     }
 }
 
 /// A model for `config`: loaded from `BENCH_MODEL_<NAME>` or fitted here.
-fn model(
-    name: &str,
-    config: &Config,
-    extractor: &FeatureExtractor,
-    train: &[PathBuf],
-) -> Detector {
+fn model(name: &str, config: &Config, extractor: &FeatureExtractor, train: &[PathBuf]) -> Detector {
     let var = format!("BENCH_MODEL_{}", name.to_uppercase());
     if let Ok(path) = std::env::var(&var) {
         let shown = path.clone();
@@ -450,8 +456,7 @@ fn model(
     }
     let n = env_usize("BENCH_FIT_IMAGES", DEFAULT_FIT_IMAGES).min(train.len());
     let start = Instant::now();
-    let detector =
-        beltad::fit::fit(config, extractor, &train[..n], "bench", &Silent).expect("fit");
+    let detector = beltad::fit::fit(config, extractor, &train[..n], "bench", &Silent).expect("fit");
     println!(
         "# {name}: fitted on {n} training images in {:.1} s",
         start.elapsed().as_secs_f64()
@@ -461,8 +466,15 @@ fn model(
 
 fn bench_config(name: &str, config: &Config, data: &Path, runs: usize) {
     let search = WeightsSearch::new(None);
-    if let Some(missing) = config.backbones().into_iter().find(|&k| search.find(k).is_err()) {
-        println!("# {name}: skipped, no {} weights found", missing.weights_file());
+    if let Some(missing) = config
+        .backbones()
+        .into_iter()
+        .find(|&k| search.find(k).is_err())
+    {
+        println!(
+            "# {name}: skipped, no {} weights found",
+            missing.weights_file()
+        );
         return;
     }
     let train = dataset::training_images(data).expect("training images");

@@ -11,8 +11,8 @@
 //! Threads: the rayon default (all cores) unless `RAYON_NUM_THREADS` is set.
 //! `BENCH_MATMUL_GFLOPS=<rate>` replaces the square-product measurement.
 //! Real weights are read from `../shared/weights` when present (ViT-S,
-//! MobileNetV2); otherwise, and for Wide-ResNet50-2, synthetic weights are
-//! used (timing does not depend on the values).
+//! MobileNetV2); otherwise, and for ViT-B/14 and Wide-ResNet50-2, synthetic
+//! weights are used (timing does not depend on the values).
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -203,6 +203,24 @@ fn bench_backbones(reference: bool) {
                 model.forward(x).expect("forward");
             },
         );
+    }
+    // The paper's attribution backbone; synthetic weights (none ship).
+    let base_side = 406;
+    let name = format!("ViT-B@{base_side}");
+    if selected(&name) {
+        let cfg = Dinov2Config::vit_base();
+        let vb = synthetic::var_builder();
+        let size = (base_side, base_side);
+        let model = if reference {
+            Dinov2::new_reference(vb, &cfg, size)
+        } else {
+            Dinov2::new(vb, &cfg, size)
+        }
+        .expect("ViT-B");
+        let flops = Dinov2::forward_flops(&cfg, (base_side, base_side)).expect("size");
+        report(&name, flops, rate, &batches, base_side, &|x| {
+            model.forward(x).expect("forward");
+        });
     }
     let cnn_side = 238;
     let path = weights_dir().join("mobilenet_v2.safetensors");

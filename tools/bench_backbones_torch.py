@@ -131,6 +131,14 @@ def main():
             ).eval()
             report(name, vit.forward_features, side, vit_flops(side), rate)
 
+    side = 406
+    name = f"ViT-B@{side}"
+    if wanted(name):
+        vit = timm.create_model(
+            "vit_base_patch14_dinov2", img_size=side, dynamic_img_size=True, num_classes=0
+        ).eval()
+        report(name, vit.forward_features, side, vit_flops(side, dim=768, heads=12, mlp=3072), rate)
+
     side = 238
     x = torch.randn(1, 3, side, side)
     if wanted("MobileNetV2@238"):

@@ -44,12 +44,11 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use beltad::backbone::{self, CnnBackbone, CnnFeatures, CnnKind, Dinov2, Dinov2Config};
-use beltad::branch::texture::{FeatureMap, patch_features};
-use beltad::config::{BackboneKind, Config, Preset, VIT_PATCH};
+use beltad::backbone::{self, CnnBackbone, CnnKind, Dinov2, Dinov2Config};
+use beltad::config::{BackboneKind, Config, Preset};
 use beltad::dataset;
 use beltad::detector::Detector;
-use beltad::features::{FeatureExtractor, ImageFeatures, Tokens};
+use beltad::features::{FeatureExtractor, ImageFeatures, cnn_tokens, split_vit_tokens};
 use beltad::fusion::{BranchOutputs, BranchSet};
 use beltad::image_io::{DecodeLimits, decode_rgb, read_limited};
 use beltad::model_file::ModelFile;
@@ -176,59 +175,6 @@ fn input_batch(grids: &[GridImage], size: usize) -> Tensor {
     Tensor::from_vec(data, (grids.len(), 3, size, size), &Device::Cpu).expect("batch")
 }
 
-/// Per image: CLS and patch tokens of a ViT output `(B, 1 + N, D)`.
-fn vit_tokens(out: &Tensor, size: usize) -> Vec<Tokens> {
-    let (_, n, d) = out.dims3().expect("ViT output");
-    let flat: Vec<f32> = out
-        .flatten_all()
-        .and_then(|t| t.to_vec1())
-        .expect("ViT output");
-    let side = size / VIT_PATCH;
-    flat.chunks_exact(n * d)
-        .map(|image| Tokens {
-            cls: image[..d].to_vec(),
-            patches: image[d..].to_vec(),
-            grid: (side, side),
-        })
-        .collect()
-}
-
-/// Per image: PatchCore patch features of the CNN maps.
-fn cnn_tokens(maps: &CnnFeatures) -> Vec<Tokens> {
-    let (b, c8, h8, w8) = maps.stride8.dims4().expect("CNN output");
-    let (_, c16, h16, w16) = maps.stride16.dims4().expect("CNN output");
-    let to_vec = |t: &Tensor| {
-        t.flatten_all()
-            .and_then(|t| t.to_vec1::<f32>())
-            .expect("CNN output")
-    };
-    let (s8, s16) = (to_vec(&maps.stride8), to_vec(&maps.stride16));
-    let (n8, n16) = (c8 * h8 * w8, c16 * h16 * w16);
-    (0..b)
-        .map(|i| {
-            let (patches, grid) = patch_features(
-                FeatureMap {
-                    data: &s8[i * n8..(i + 1) * n8],
-                    channels: c8,
-                    height: h8,
-                    width: w8,
-                },
-                FeatureMap {
-                    data: &s16[i * n16..(i + 1) * n16],
-                    channels: c16,
-                    height: h16,
-                    width: w16,
-                },
-            );
-            Tokens {
-                cls: Vec::new(),
-                patches,
-                grid,
-            }
-        })
-        .collect()
-}
-
 fn decode_all(paths: &[PathBuf]) -> Vec<RgbImage> {
     let limits = DecodeLimits::default();
     paths
@@ -334,16 +280,16 @@ fn bench_batch(
     );
 
     let tokens = || -> Vec<ImageFeatures> {
-        let object = vit_tokens(&object_out, object_size);
+        let object = split_vit_tokens(&object_out, object_size).expect("ViT output");
         let attribution = if backbones.shared() {
             object.clone()
         } else {
-            vit_tokens(&attribution_out, attribution_size)
+            split_vit_tokens(&attribution_out, attribution_size).expect("ViT output")
         };
         object
             .into_iter()
             .zip(attribution)
-            .zip(cnn_tokens(&cnn_out))
+            .zip(cnn_tokens(&cnn_out).expect("CNN output"))
             .map(|((object, attribution), texture)| ImageFeatures {
                 object,
                 attribution,

@@ -22,7 +22,9 @@ use rayon::prelude::*;
 use sha2::{Digest, Sha256};
 use thiserror::Error;
 
-use crate::backbone::{self, BackboneError, CnnBackbone, CnnKind, Dinov2, Dinov2Config};
+use crate::backbone::{
+    self, BackboneError, CnnBackbone, CnnFeatures, CnnKind, Dinov2, Dinov2Config,
+};
 use crate::branch::texture::{FeatureMap, patch_features};
 use crate::config::{BackboneKind, Config};
 use crate::feature_cache::FeatureCache;
@@ -417,58 +419,14 @@ impl FeatureExtractor {
     ) -> Result<Vec<Tokens>, FeatureError> {
         let batch = self.batch(grids, size)?;
         let tokens = vit.forward(&batch).map_err(compute("DINOv2 forward"))?;
-        let (_, n, d) = tokens.dims3().map_err(compute("DINOv2 output"))?;
-        let flat: Vec<f32> = tokens
-            .flatten_all()
-            .and_then(|t| t.to_vec1())
-            .map_err(compute("DINOv2 output"))?;
-        let side = size / crate::config::VIT_PATCH;
-        Ok(flat
-            .chunks_exact(n * d)
-            .map(|image| Tokens {
-                cls: image[..d].to_vec(),
-                patches: image[d..].to_vec(),
-                grid: (side, side),
-            })
-            .collect())
+        split_vit_tokens(&tokens, size).map_err(compute("DINOv2 output"))
     }
 
     /// Per image: PatchCore patch features on the stride-8 grid.
     fn texture_features(&self, grids: &[&GridImage]) -> Result<Vec<Tokens>, FeatureError> {
         let batch = self.batch(grids, self.sizes.texture)?;
         let maps = self.cnn.forward(&batch).map_err(compute("CNN forward"))?;
-        let (b, c8, h8, w8) = maps.stride8.dims4().map_err(compute("CNN output"))?;
-        let (_, c16, h16, w16) = maps.stride16.dims4().map_err(compute("CNN output"))?;
-        let to_vec = |t: &Tensor| {
-            t.flatten_all()
-                .and_then(|t| t.to_vec1::<f32>())
-                .map_err(compute("CNN output"))
-        };
-        let (s8, s16) = (to_vec(&maps.stride8)?, to_vec(&maps.stride16)?);
-        let (n8, n16) = (c8 * h8 * w8, c16 * h16 * w16);
-        Ok((0..b)
-            .map(|i| {
-                let (patches, grid) = patch_features(
-                    FeatureMap {
-                        data: &s8[i * n8..(i + 1) * n8],
-                        channels: c8,
-                        height: h8,
-                        width: w8,
-                    },
-                    FeatureMap {
-                        data: &s16[i * n16..(i + 1) * n16],
-                        channels: c16,
-                        height: h16,
-                        width: w16,
-                    },
-                );
-                Tokens {
-                    cls: Vec::new(),
-                    patches,
-                    grid,
-                }
-            })
-            .collect())
+        cnn_tokens(&maps).map_err(compute("CNN output"))
     }
 
     /// `(B, 3, size, size)` normalised inputs.
@@ -480,6 +438,55 @@ impl FeatureExtractor {
         Tensor::from_vec(data, (grids.len(), 3, size, size), &self.device)
             .map_err(compute("input batch"))
     }
+}
+
+/// Per image of a ViT output `(B, 1 + N, D)` at input `size`: its CLS token
+/// and patch tokens.
+pub fn split_vit_tokens(out: &Tensor, size: usize) -> candle_core::Result<Vec<Tokens>> {
+    let (_, n, d) = out.dims3()?;
+    let flat: Vec<f32> = out.flatten_all()?.to_vec1()?;
+    let side = size / crate::config::VIT_PATCH;
+    Ok(flat
+        .chunks_exact(n * d)
+        .map(|image| Tokens {
+            cls: image[..d].to_vec(),
+            patches: image[d..].to_vec(),
+            grid: (side, side),
+        })
+        .collect())
+}
+
+/// Per image of a CNN batch: PatchCore patch features of its stride-8 and
+/// stride-16 maps, on the stride-8 grid.
+pub fn cnn_tokens(maps: &CnnFeatures) -> candle_core::Result<Vec<Tokens>> {
+    let (b, c8, h8, w8) = maps.stride8.dims4()?;
+    let (_, c16, h16, w16) = maps.stride16.dims4()?;
+    let to_vec = |t: &Tensor| t.flatten_all().and_then(|t| t.to_vec1::<f32>());
+    let (s8, s16) = (to_vec(&maps.stride8)?, to_vec(&maps.stride16)?);
+    let (n8, n16) = (c8 * h8 * w8, c16 * h16 * w16);
+    Ok((0..b)
+        .map(|i| {
+            let (patches, grid) = patch_features(
+                FeatureMap {
+                    data: &s8[i * n8..(i + 1) * n8],
+                    channels: c8,
+                    height: h8,
+                    width: w8,
+                },
+                FeatureMap {
+                    data: &s16[i * n16..(i + 1) * n16],
+                    channels: c16,
+                    height: h16,
+                    width: w16,
+                },
+            );
+            Tokens {
+                cls: Vec::new(),
+                patches,
+                grid,
+            }
+        })
+        .collect())
 }
 
 /// Where the backbones run: the first CUDA GPU when beltad is built with the

@@ -7,19 +7,9 @@ mod util;
 use std::path::Path;
 
 use util::{
-    assert_clean_error, beltad, beltad_with_weights, file_names, fit_small, mini_dataset, shared,
-    small_config, temp_dir, text,
+    assert_clean_error, beltad, beltad_with_weights, file_names, fit_args, fit_small, mini_dataset,
+    s, shared, small_config, temp_dir, text,
 };
-
-fn fit_args<'a>(data: &'a str, model: &'a str, config: &'a str) -> Vec<&'a str> {
-    vec![
-        "-q", "fit", "--data", data, "--model", model, "--config", config,
-    ]
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
 
 #[test]
 fn empty_folder() {
@@ -27,7 +17,7 @@ fn empty_folder() {
     let data = dir.join("nothing");
     std::fs::create_dir_all(&data).unwrap();
     let model = dir.join("m.beltad");
-    let out = beltad(&fit_args(s(&data), s(&model), s(&small_config(&dir))));
+    let out = beltad(&fit_args(&data, &model, &small_config(&dir)));
     assert_clean_error(&out, "no images found");
     assert!(!model.exists());
 }
@@ -61,7 +51,7 @@ fn truncated_zero_size_and_fake_images_are_named() {
     for (name, content, problem) in cases {
         let bad = train.join(name);
         std::fs::write(&bad, &content).unwrap();
-        let out = beltad(&fit_args(s(&data), s(&model), s(&config)));
+        let out = beltad(&fit_args(&data, &model, &config));
         assert_clean_error(&out, name);
         assert_clean_error(&out, problem);
         std::fs::remove_file(&bad).unwrap();
@@ -281,7 +271,7 @@ fn absurd_config_values() {
     ] {
         let config = dir.join("bad.toml");
         std::fs::write(&config, toml).unwrap();
-        let out = beltad(&fit_args(s(&data), s(&model), s(&config)));
+        let out = beltad(&fit_args(&data, &model, &config));
         assert_clean_error(&out, problem);
     }
     assert!(!model.exists());

@@ -27,7 +27,7 @@ use image::{DynamicImage, ImageFormat};
 use beltad::model_file::{DType, ModelFile, StoredTensor};
 use craft::*;
 use util::{
-    assert_clean_error, beltad, beltad_with_weights, file_names, mini_dataset, shared,
+    assert_clean_error, beltad, beltad_with_weights, file_names, mini_dataset, s, shared,
     small_config, temp_dir, text,
 };
 
@@ -64,10 +64,6 @@ fn ok(name: &str, bytes: Vec<u8>) -> Case {
 /// A case that must be refused with `needle` in its message.
 fn bad(name: &str, bytes: Vec<u8>, needle: &'static str) -> Case {
     case(name, bytes, Refused(needle))
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
 }
 
 fn fixture(name: &str) -> Vec<u8> {
@@ -158,18 +154,10 @@ fn fitted() -> &'static Fitted {
 }
 
 fn fit_args(data: &Path, model: &Path, config: &Path) -> Vec<String> {
-    [
-        "-q",
-        "fit",
-        "--data",
-        s(data),
-        "--model",
-        s(model),
-        "--config",
-        s(config),
-    ]
-    .map(String::from)
-    .to_vec()
+    util::fit_args(data, model, config)
+        .into_iter()
+        .map(String::from)
+        .collect()
 }
 
 fn run(args: &[String]) -> Output {

@@ -15,16 +15,14 @@ use std::time::{Duration, Instant};
 use beltad::detector::Detector;
 use beltad::model_file::ModelFile;
 use beltad::rng::SplitMix64;
-use util::{beltad, file_names, fit_small, mini_dataset, shared, small_config, temp_dir, text};
+use util::{
+    beltad, file_names, fit_args, fit_small, mini_dataset, s, shared, small_config, temp_dir, text,
+};
 
 /// Longest wait for a stopped process to exit.
 const EXIT_TIMEOUT: Duration = Duration::from_secs(120);
 /// Exit code after Ctrl-C.
 const EXIT_INTERRUPTED: i32 = 130;
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
 
 /// Starts `beltad` with the shipped weights, output captured.
 fn spawn(args: &[&str]) -> Child {
@@ -65,19 +63,13 @@ fn assert_loadable(path: &Path) {
     Detector::from_model_file(&file, "m").unwrap_or_else(|e| panic!("model damaged: {e}"));
 }
 
-fn fit_args<'a>(data: &'a Path, model: &'a Path, config: &'a Path, seed: &'a str) -> Vec<&'a str> {
-    vec![
-        "-q",
-        "fit",
-        "--data",
-        s(data),
-        "--model",
-        s(model),
-        "--config",
-        s(config),
-        "--seed",
-        seed,
-    ]
+fn seeded_fit_args<'a>(
+    data: &'a Path,
+    model: &'a Path,
+    config: &'a Path,
+    seed: &'a str,
+) -> Vec<&'a str> {
+    [fit_args(data, model, config), vec!["--seed", seed]].concat()
 }
 
 /// A data set of every training image of the shipped conveyor-belt data, so
@@ -113,7 +105,7 @@ fn sigkill_during_fit_never_damages_the_existing_model() {
     for k in 0..KILLS {
         let delay = fit_time.mul_f64(0.05 + 1.1 * rng.next_f64());
         let seed = (100 + k).to_string();
-        let mut child = spawn(&fit_args(&data, &model, &config, &seed));
+        let mut child = spawn(&seeded_fit_args(&data, &model, &config, &seed));
         std::thread::sleep(delay);
         let pid = child.id();
         let _ = child.kill();
@@ -140,7 +132,7 @@ fn sigkill_during_fit_never_damages_the_existing_model() {
     // in case no kill landed mid-write: no pid exceeds 2^22); the model is
     // usable by `predict`.
     std::fs::write(models.join(".m.beltad.tmp-4999999"), b"half a model").unwrap();
-    let out = beltad(&fit_args(&data, &model, &config, "7"));
+    let out = beltad(&seeded_fit_args(&data, &model, &config, "7"));
     assert!(out.status.success(), "{}", text(&out));
     assert_eq!(
         file_names(&models),
@@ -171,7 +163,7 @@ fn ctrl_c_stops_a_fit_cleanly() {
     std::fs::write(&model, b"the model of yesterday").unwrap();
 
     for delay_ms in [500, 2500] {
-        let child = spawn(&fit_args(&data, &model, &config, "0"));
+        let child = spawn(&seeded_fit_args(&data, &model, &config, "0"));
         std::thread::sleep(Duration::from_millis(delay_ms));
         send_sigint(&child);
         let out = wait(child);

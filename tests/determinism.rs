@@ -3,13 +3,7 @@
 
 mod util;
 
-use std::path::Path;
-
-use util::{beltad, mini_dataset, small_config, temp_dir, text};
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
+use util::{beltad, mini_dataset, s, small_config, temp_dir, text};
 
 #[test]
 fn thread_count_changes_neither_the_model_nor_the_scores() {

@@ -117,17 +117,27 @@ pub fn mini_dataset(dir: &Path) -> PathBuf {
 /// Fits a small model on `data` into `model`, asserting success.
 pub fn fit_small(dir: &Path, data: &Path, model: &Path) {
     let config = small_config(dir);
-    let out = beltad(&[
+    let out = beltad(&fit_args(data, model, &config));
+    assert!(out.status.success(), "fit failed: {}", text(&out));
+}
+
+/// A path as a command-line argument.
+pub fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// `beltad -q fit` on `data` into `model` with `config`.
+pub fn fit_args<'a>(data: &'a Path, model: &'a Path, config: &'a Path) -> Vec<&'a str> {
+    vec![
         "-q",
         "fit",
         "--data",
-        data.to_str().unwrap(),
+        s(data),
         "--model",
-        model.to_str().unwrap(),
+        s(model),
         "--config",
-        config.to_str().unwrap(),
-    ]);
-    assert!(out.status.success(), "fit failed: {}", text(&out));
+        s(config),
+    ]
 }
 
 /// Names of the files in `dir` (sorted).
